@@ -1,0 +1,1 @@
+"""OCI distribution-spec grammar, media types and manifest parsing."""
