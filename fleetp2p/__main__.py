@@ -1,0 +1,3 @@
+from fleetp2p.cli.main import main
+
+raise SystemExit(main())

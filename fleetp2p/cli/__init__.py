@@ -1,0 +1,1 @@
+"""The `fleetp2p` command line."""

@@ -1,0 +1,194 @@
+"""Where a blob's bytes come from, in order: the local store, then (with the
+swarm) peers, then the upstream registry.
+
+Whatever the source, a request gets a `BlobSource`: a size, a file to send
+from, and `wait_readable()` telling how far it may read. Concurrent requests
+for one digest share one `Download` (singleflight), which keeps running when
+the request that started it goes away: the next one finds it in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import BinaryIO, Protocol
+
+from fleetp2p.errors import VerificationError
+from fleetp2p.fetch.download import Download
+from fleetp2p.metrics import Metrics
+from fleetp2p.oci.reference import Digest
+from fleetp2p.store import BlobStore, StoredBlob, TempBlob
+from fleetp2p.upstream import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+# Upstream bytes are buffered up to this much while the previous write+hash runs.
+MAX_BUFFER = 4 * 1024 * 1024
+
+
+class BlobSource(Protocol):
+    size: int
+    label: str  # metrics source: local, upstream, peer
+
+    def open_file(self) -> BinaryIO: ...
+
+    async def wait_readable(self, position: int) -> int: ...
+
+
+class LocalSource:
+    label = "local"
+
+    def __init__(self, entry: StoredBlob) -> None:
+        self.entry = entry
+        self.size = entry.size
+
+    def open_file(self) -> BinaryIO:
+        return open(self.entry.path, "rb")
+
+    async def wait_readable(self, position: int) -> int:
+        return self.size
+
+
+class DownloadSource:
+    def __init__(self, download: Download) -> None:
+        self.download = download
+        self.size = download.size
+        self.label = download.source
+
+    def open_file(self) -> BinaryIO:
+        return self.download.open_file()
+
+    async def wait_readable(self, position: int) -> int:
+        return await self.download.wait_readable(position)
+
+
+class BlobFetcher:
+    def __init__(self, store: BlobStore, upstream: UpstreamClient, metrics: Metrics) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self._inflight: dict[Digest, Download] = {}
+
+    def local(self, digest: Digest) -> LocalSource | None:
+        entry = self.store.get(digest)
+        return LocalSource(entry) if entry is not None else None
+
+    def inflight(self) -> list[Download]:
+        return list(self._inflight.values())
+
+    async def open(self, registry: str, repository: str, digest: Digest) -> BlobSource:
+        """A source for the blob; waits only until its size is known."""
+        local = self.local(digest)
+        if local is not None:
+            return local
+        download = self._inflight.get(digest)
+        if download is not None:
+            self.metrics.coalesced.labels("blob").inc()
+        else:
+            download = self._start(registry, repository, digest)
+        self.metrics.waiters.inc()
+        try:
+            await download.ready()
+        finally:
+            self.metrics.waiters.dec()
+        return DownloadSource(download)
+
+    async def size(self, registry: str, repository: str, digest: Digest) -> int:
+        """Size without fetching the blob (for HEAD)."""
+        local = self.local(digest)
+        if local is not None:
+            return local.size
+        download = self._inflight.get(digest)
+        if download is not None and download.size >= 0:
+            return download.size
+        return await self.upstream.blob_size(registry, repository, digest)
+
+    async def fetch(self, registry: str, repository: str, digest: Digest) -> StoredBlob:
+        """Make sure the blob is in the store (seed, pull)."""
+        source = await self.open(registry, repository, digest)
+        if isinstance(source, DownloadSource):
+            await source.wait_readable(source.size)
+        entry = self.store.get(digest)
+        if entry is None:
+            raise VerificationError(f"{digest} vanished from the store right after its fetch")
+        return entry
+
+    def _start(self, registry: str, repository: str, digest: Digest) -> Download:
+        download = Download(digest, self.store.path_for(digest))
+        self._inflight[digest] = download
+        self.metrics.inflight.inc()
+        download.task = asyncio.create_task(self._run(download, registry, repository),
+                                            name=f"fetch {digest}")
+        return download
+
+    async def _run(self, download: Download, registry: str, repository: str) -> None:
+        temp: TempBlob | None = None
+        try:
+            stream = await self.upstream.open_blob(registry, repository, download.digest)
+            try:
+                if self.store.needs_gc(stream.size):
+                    await asyncio.to_thread(self.store.gc, stream.size, frozenset(self._inflight))
+                temp = self.store.new_temp(download.digest)
+                download.set_size(stream.size, temp.path)
+                hasher = await self._receive(stream.chunks(), temp, download)
+            finally:
+                await stream.close()
+            if hasher.hexdigest() != download.digest.hex:
+                self.metrics.verification_failures.labels("blob").inc()
+                raise VerificationError(f"upstream bytes for {download.digest} hash to "
+                                        f"{download.digest.algorithm}:{hasher.hexdigest()}")
+            await asyncio.to_thread(self.store.commit, temp, download.digest, download.size)
+            temp = None
+            download.finish()
+            log.info("fetched %s (%d bytes) from %s/%s", download.digest, download.size, registry,
+                     repository)
+        except BaseException as e:
+            if temp is not None:
+                temp.discard()
+            download.fail(e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            log.warning("fetch of %s failed: %s", download.digest, e)
+        finally:
+            self._inflight.pop(download.digest, None)
+            self.metrics.inflight.dec()
+
+    async def _receive(self, chunks, temp: TempBlob, download: Download):
+        """Write and hash in a worker thread, one batch at a time, while the
+        next batch arrives: the event loop never hashes or touches the disk."""
+        hasher = hashlib.new(download.digest.algorithm)
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future | None = None
+        pending_end = 0
+        offset = 0
+        buffer = bytearray()
+
+        def write(data: bytearray, at: int) -> None:
+            temp.pwrite(data, at)
+            hasher.update(data)
+
+        try:
+            async for chunk in chunks:
+                buffer += chunk
+                if pending is not None and (pending.done() or len(buffer) >= MAX_BUFFER):
+                    await pending
+                    download.advance(pending_end)
+                    pending = None
+                if pending is None:
+                    pending = loop.run_in_executor(None, write, buffer, offset)
+                    offset += len(buffer)
+                    pending_end = offset
+                    buffer = bytearray()
+            if pending is not None:
+                await pending
+                download.advance(pending_end)
+        except BaseException:
+            if pending is not None and not pending.done():
+                await asyncio.wait([pending])  # never close the file under a running write
+            raise
+        if buffer:
+            await loop.run_in_executor(None, write, buffer, offset)
+            offset += len(buffer)
+            download.advance(offset)
+        return hasher

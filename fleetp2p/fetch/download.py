@@ -1,0 +1,103 @@
+"""A blob being downloaded, shared by every request that wants it.
+
+Readers stream from the partial file as it grows. The last byte is held back
+until the whole blob is verified: a client that sees a complete body has
+a verified blob, and a blob that fails verification leaves every in-flight
+response one byte short and its connection closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import BinaryIO
+
+from fleetp2p.oci.reference import Digest
+
+
+class DownloadFailed(Exception):
+    """Raised to readers of a download that did not complete."""
+
+
+class Download:
+    def __init__(self, digest: Digest, final_path: Path) -> None:
+        self.digest = digest
+        self.final_path = final_path
+        self.temp_path: Path | None = None
+        self.size = -1
+        self.written = 0
+        self.verified = False
+        self.error: BaseException | None = None
+        self.task: asyncio.Task | None = None
+        self.source = "upstream"
+        self._waiters: list[asyncio.Future] = []
+
+    # Producer side --------------------------------------------------------
+
+    def set_size(self, size: int, temp_path: Path) -> None:
+        self.size = size
+        self.temp_path = temp_path
+        self._wake()
+
+    def advance(self, written: int) -> None:
+        self.written = written
+        self._wake()
+
+    def finish(self) -> None:
+        self.written = self.size
+        self.verified = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _changed(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    # Reader side ----------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.verified or self.error is not None
+
+    async def ready(self) -> int:
+        """Wait until the size is known; raises the fetch error if it failed first."""
+        while self.size < 0:
+            if self.error is not None:
+                raise self.error
+            await self._changed()
+        return self.size
+
+    def readable(self) -> int:
+        if self.error is not None:
+            raise DownloadFailed(str(self.error)) from self.error
+        if self.verified:
+            return self.size
+        return min(self.written, max(self.size - 1, 0))
+
+    async def wait_readable(self, position: int) -> int:
+        """Bytes [0, n) may be served, with n > position (or the blob is empty)."""
+        while True:
+            n = self.readable()
+            if n > position or (self.verified and n == self.size):
+                return n
+            await self._changed()
+
+    def open_file(self) -> BinaryIO:
+        """Open the partial file, or the stored one if the download was committed
+        meanwhile; either way the bytes are the same. Blocking."""
+        assert self.temp_path is not None
+        try:
+            return open(self.temp_path, "rb")
+        except FileNotFoundError:
+            return open(self.final_path, "rb")
+

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one agent.
+
+Each agent owns its CollectorRegistry (not the process-global one) so tests
+can run several agents in one process. Labels are bounded: never a digest,
+repository or peer address.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+SOURCES = ("local", "upstream", "peer")
+TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "fleetp2p_requests", "Client requests by endpoint, method and status",
+            ["endpoint", "method", "status"], registry=r)
+        self.served_bytes = Counter(
+            "fleetp2p_served_bytes", "Blob bytes sent to clients, by where they came from",
+            ["source"], registry=r)
+        self.upstream_requests = Counter(
+            "fleetp2p_upstream_requests", "Requests sent to upstream registries",
+            ["kind", "status"], registry=r)
+        self.upstream_errors = Counter(
+            "fleetp2p_upstream_errors", "Upstream failures by kind and reason",
+            ["kind", "reason"], registry=r)
+        self.upstream_bytes = Counter(
+            "fleetp2p_upstream_bytes", "Bytes received from upstream registries",
+            ["kind"], registry=r)
+        self.coalesced = Counter(
+            "fleetp2p_coalesced_waiters", "Requests that joined a fetch already in flight",
+            ["kind"], registry=r)
+        self.waiters = Gauge(
+            "fleetp2p_inflight_waiters", "Client requests currently waiting on an in-flight fetch",
+            registry=r)
+        self.inflight = Gauge(
+            "fleetp2p_inflight_fetches", "Blob fetches currently in flight", registry=r)
+        self.ttfb = Histogram(
+            "fleetp2p_time_to_first_byte_seconds",
+            "Time from request to the first body byte, by source", ["source"],
+            buckets=TTFB_BUCKETS, registry=r)
+        self.store_bytes = Gauge("fleetp2p_store_bytes", "Bytes of complete blobs in the store",
+                                 registry=r)
+        self.store_blobs = Gauge("fleetp2p_store_blobs", "Complete blobs in the store", registry=r)
+        self.store_limit = Gauge("fleetp2p_store_limit_bytes", "Configured store size limit",
+                                 registry=r)
+        self.store_pinned_bytes = Gauge("fleetp2p_store_pinned_bytes", "Bytes of pinned blobs",
+                                        registry=r)
+        self.evictions = Counter("fleetp2p_store_evictions", "Blobs evicted by GC", registry=r)
+        self.evicted_bytes = Counter("fleetp2p_store_evicted_bytes", "Bytes evicted by GC",
+                                     registry=r)
+        self.verification_failures = Counter(
+            "fleetp2p_verification_failures", "Content that did not match its digest",
+            ["kind"], registry=r)
+        for source in SOURCES:
+            self.served_bytes.labels(source)
+        for kind in ("blob", "manifest"):
+            self.verification_failures.labels(kind)
+            self.upstream_bytes.labels(kind)

@@ -1,0 +1,102 @@
+"""Sending blob bytes: zero-copy `sendfile` from the store or from a file still
+being downloaded, for a whole blob, one range, or `multipart/byteranges`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from typing import BinaryIO
+
+from aiohttp import web
+
+from fleetp2p.fetch import BlobSource
+from fleetp2p.fetch.download import DownloadFailed
+from fleetp2p.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Largest single sendfile call: bounds how stale the served-bytes metric gets.
+SEND_CHUNK = 16 * 1024 * 1024
+FALLBACK_CHUNK = 1024 * 1024
+
+
+class Span:
+    """Bytes [start, end) of the blob, preceded by `prefix` (a multipart part header)."""
+
+    __slots__ = ("prefix", "start", "end")
+
+    def __init__(self, start: int, end: int, prefix: bytes = b"") -> None:
+        self.prefix, self.start, self.end = prefix, start, end
+
+
+def multipart(ranges: list[tuple[int, int]], size: int) -> tuple[str, list[Span], bytes]:
+    """Boundary, one span per range (in request order) and the closing delimiter."""
+    boundary = secrets.token_hex(16)
+    spans = []
+    for first, last in ranges:
+        head = (f"--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Range: bytes {first}-{last}/{size}\r\n\r\n").encode()
+        # every part after the first starts with the CRLF that ends the previous one
+        spans.append(Span(first, last + 1, (b"\r\n" if spans else b"") + head))
+    return boundary, spans, f"\r\n--{boundary}--\r\n".encode()
+
+
+def body_length(spans: list[Span], trailer: bytes) -> int:
+    return sum(len(s.prefix) + s.end - s.start for s in spans) + len(trailer)
+
+
+async def send_spans(request: web.Request, response: web.StreamResponse, source: BlobSource,
+                     spans: list[Span], trailer: bytes, metrics: Metrics, started: float) -> None:
+    """Stream the spans. If the source fails mid-way (a download that does not
+    verify), the connection is aborted so the client never sees a complete body."""
+    await response.prepare(request)
+    loop = asyncio.get_running_loop()
+    f = await asyncio.to_thread(source.open_file)
+    first = True
+    try:
+        for span in spans:
+            if span.prefix:
+                await response.write(span.prefix)
+            position = span.start
+            while position < span.end:
+                available = await source.wait_readable(position)
+                count = min(span.end, available, position + SEND_CHUNK) - position
+                if first:
+                    metrics.ttfb.labels(source.label).observe(time.monotonic() - started)
+                    first = False
+                await _sendfile(loop, request, response, f, position, count)
+                metrics.served_bytes.labels(source.label).inc(count)
+                position += count
+        if trailer:
+            await response.write(trailer)
+        await response.write_eof()
+    except DownloadFailed as e:
+        log.warning("aborting response for %s: %s", request.path, e)
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionAbortedError(str(e)) from None
+    finally:
+        f.close()
+
+
+async def _sendfile(loop: asyncio.AbstractEventLoop, request: web.Request,
+                    response: web.StreamResponse, f: BinaryIO, offset: int, count: int) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    try:
+        await loop.sendfile(transport, f, offset, count, fallback=False)
+        return
+    except (NotImplementedError, RuntimeError):
+        pass  # e.g. uvloop or TLS: copy through the writer instead
+    end = offset + count
+    while offset < end:
+        n = min(FALLBACK_CHUNK, end - offset)
+        data = await asyncio.to_thread(os.pread, f.fileno(), n, offset)
+        if not data:
+            raise ConnectionAbortedError("file shorter than expected")
+        await response.write(data)
+        offset += len(data)
