@@ -80,6 +80,8 @@ class Config:
     upstream_backoff: float = key(0.5, "first retry delay in seconds (doubles each attempt, with jitter)")
     max_manifest_size: str = key("4MiB", "largest manifest accepted from upstream")
     log_level: str = key("info", "debug, info, warning or error")
+    event_loop: str = key("asyncio", "asyncio (zero-copy sendfile for cache hits) or uvloop "
+                          "(uvloop's transports copy file bodies; see bench/hot_serve.py)")
     registries: list[Registry] = key(None, "upstream registries ([[registries]] tables: name, url, "
                                      "username, password, docker_config)", factory=list)
 
@@ -123,6 +125,8 @@ class Config:
         self.manifest_limit_bytes()
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
+        if self.event_loop not in ("asyncio", "uvloop"):
+            raise ConfigError(f"event_loop: expected asyncio or uvloop, got {self.event_loop!r}")
         seen = set()
         for i, registry in enumerate(self.registries):
             where = f"registries[{i}]"

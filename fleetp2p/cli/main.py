@@ -22,7 +22,12 @@ def _agent(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, config.flag_overrides(args))
     _setup_logging(cfg.log_level)
-    asyncio.run(serve(cfg))
+    if cfg.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(cfg))
+    else:
+        asyncio.run(serve(cfg))
     return 0
 
 

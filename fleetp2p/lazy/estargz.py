@@ -96,7 +96,7 @@ def _offset_from_legacy(footer: bytes) -> int:
 
 
 def _hex_offset(field: bytes) -> int:
-    if field[16:] != b"STARGZ" or not _HEX16.match(field[:16]):
+    if field[16:] != b"STARGZ" or not _HEX16.fullmatch(field[:16]):
         raise LazyFormatError("Extra field lacks the %016xSTARGZ marker")
     return int(field[:16], 16)
 

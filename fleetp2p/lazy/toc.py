@@ -242,7 +242,7 @@ def fetch_ranges(chunks: Iterable[Chunk], *, gap: int = 0) -> list[tuple[int, in
 def check_digest(data: bytes, expected: str, what: str) -> None:
     """Raise DigestMismatch unless `data` hashes to the OCI digest `expected`."""
     algo, _, _ = expected.partition(":")
-    if not _DIGEST_RE.match(expected):
+    if not _DIGEST_RE.fullmatch(expected):
         raise LazyFormatError(f"{what}: unsupported or malformed digest {expected!r}")
     actual = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
     if actual != expected:
@@ -384,7 +384,7 @@ def _digest(raw: dict[str, Any], key: str) -> str | None:
     value = _str(raw, key)
     if not value:
         return None
-    if not _DIGEST_RE.match(value):
+    if not _DIGEST_RE.fullmatch(value):
         raise LazyFormatError(f"TOC field {key!r} is not a supported digest: {value!r}")
     return value
 
