@@ -34,7 +34,7 @@ class Agent:
         self.tags = TagCache(config.data_dir, config.tag_ttl)
         self.upstream = UpstreamClient(config, self.metrics)
         self.manifests = ManifestService(self.store, self.tags, self.upstream, self.metrics)
-        self.blobs = BlobFetcher(self.store, self.upstream, self.metrics)
+        self.blobs = BlobFetcher(self.store, self.upstream, self.metrics, config.geometry)
         self.front = RegistryFront(self.manifests, self.blobs, self.metrics, config.default_registry)
 
     def build_app(self) -> web.Application:

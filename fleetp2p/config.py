@@ -16,10 +16,13 @@ import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetp2p.errors import ConfigError
 from fleetp2p.oci.reference import DOCKER_HUB_NAMES, validate_registry
+
+if TYPE_CHECKING:
+    from fleetp2p.store.geometry import Geometry
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
                "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
@@ -78,6 +81,9 @@ class Config:
         20.0, "seconds without a byte from upstream before a stream is abandoned and resumed with Range")
     upstream_retries: int = key(4, "attempts per upstream request on 429, 5xx and connection errors")
     upstream_backoff: float = key(0.5, "first retry delay in seconds (doubles each attempt, with jitter)")
+    segment_size: str = key("64MiB", "blob segment size (one torrent each; a power of two; grows "
+                            "for huge blobs so a blob has at most 256 segments)")
+    piece_size: str = key("1MiB", "piece size within a segment (a power of two, >= 16KiB)")
     max_manifest_size: str = key("4MiB", "largest manifest accepted from upstream")
     log_level: str = key("info", "debug, info, warning or error")
     event_loop: str = key("asyncio", "asyncio (zero-copy sendfile for cache hits) or uvloop "
@@ -107,6 +113,12 @@ class Config:
     def store_limit_bytes(self) -> int:
         return parse_size(self.store_max_size, "store_max_size", base_path=self.data_dir)
 
+    def geometry(self, size: int) -> "Geometry":
+        from fleetp2p.store.geometry import Geometry
+
+        return Geometry.for_size(size, parse_size(self.segment_size, "segment_size"),
+                                 parse_size(self.piece_size, "piece_size"))
+
     def manifest_limit_bytes(self) -> int:
         return parse_size(self.max_manifest_size, "max_manifest_size")
 
@@ -123,6 +135,13 @@ class Config:
             raise ConfigError("store_low_watermark/store_high_watermark: need 0 < low < high <= 1")
         parse_size(self.store_max_size, "store_max_size", base_path=None)
         self.manifest_limit_bytes()
+        for name in ("segment_size", "piece_size"):
+            value = parse_size(getattr(self, name), name)
+            if value < 16 * 1024 or value & (value - 1):
+                raise ConfigError(f"{name}: must be a power of two of at least 16KiB, got "
+                                  f"{getattr(self, name)!r}")
+        if parse_size(self.piece_size, "piece_size") > parse_size(self.segment_size, "segment_size"):
+            raise ConfigError("piece_size: must not exceed segment_size")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
         if self.event_loop not in ("asyncio", "uvloop"):

@@ -72,12 +72,13 @@ async def test_kill9_mid_download_then_restart(tmp_path):
                     except aiohttp.ClientPayloadError:
                         pass
             assert 0 < received < len(BLOB)
-            assert list((data_dir / "tmp").iterdir()), "the partial download should be on disk"
-            assert not (data_dir / "blobs" / "sha256" / digest.split(":")[1]).exists()
+            blob_dir = data_dir / "blobs" / "sha256" / digest.split(":")[1]
+            assert list(blob_dir.iterdir()), "the partial download should be on disk"
+            assert not (blob_dir / "complete").exists()
 
             agent = start_agent(port, up.port, data_dir)
             await wait_ready(url, agent)
-            assert not list((data_dir / "tmp").iterdir()), "restart must drop partial files"
+            assert not blob_dir.exists(), "restart must drop partial downloads"
             async with aiohttp.ClientSession() as session:
                 async with session.get(f"{url}/v2/app/blobs/{digest}") as resp:
                     body = await resp.read()

@@ -51,7 +51,7 @@ async def test_corrupt_upstream_is_never_served_complete(tmp_path, upstream):
         with pytest.raises(aiohttp.ClientPayloadError):
             await get(front, f"/v2/app/blobs/{digest}")
         assert not agent.store.entries()
-        assert not list((tmp_path / "tmp").iterdir())
+        assert not (tmp_path / "blobs" / "sha256" / digest.split(":")[1]).exists()
         metrics = agent.metrics.verification_failures.labels("blob")._value.get()
         assert metrics == 1
         # the next request refetches and succeeds

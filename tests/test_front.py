@@ -147,3 +147,26 @@ async def test_metrics_exposed(front):
     assert 'fleetp2p_served_bytes_total{source="upstream"} 200000.0' in text
     assert 'fleetp2p_requests_total{endpoint="blob",method="GET",status="200"} 2.0' in text
     assert "fleetp2p_time_to_first_byte_seconds_bucket" in text
+
+
+async def test_blob_spanning_many_segments(tmp_path):
+    """Segments are separate files: every read that crosses a boundary must be seamless."""
+    data = os.urandom(300_000)
+    upstream = FakeUpstream()
+    digest = upstream.add_blob(data)
+    async with running(upstream.app()) as up, \
+            agent_for(up, tmp_path, segment_size="64KiB", piece_size="16KiB") as (agent, server):
+        ranges = [(65530, 65540), (0, 299_999), (131_000, 200_000)]
+        header = "bytes=" + ",".join(f"{a}-{b}" for a, b in ranges)
+        for _ in range(2):  # streamed while downloading, then from the store
+            status, _, body = await request(server, "GET", f"/v2/app/blobs/{digest}")
+            assert status == 200 and body == data
+            status, headers, body = await request(server, "GET", f"/v2/app/blobs/{digest}",
+                                                  {"Range": "bytes=65530-65545"})
+            assert status == 206 and body == data[65530:65546]
+            status, headers, body = await request(server, "GET", f"/v2/app/blobs/{digest}",
+                                                  {"Range": header})
+            assert status == 206 and all(data[a:b + 1] in body for a, b in ranges)
+        entry = agent.store.get(agent.store.entries()[0].digest)
+        assert entry.geometry.segments == 5
+        assert sorted(p.name for p in entry.path.iterdir()) == ["0", "1", "2", "3", "4", "complete"]

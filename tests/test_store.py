@@ -32,12 +32,15 @@ def test_restart_drops_partial_and_keeps_complete(tmp_path):
     store = BlobStore(tmp_path, limit=10**9)
     store.open()
     kept = put(store, b"complete blob")
-    partial = store.new_temp(Digest("sha256", "a" * 64))
+    from fleetp2p.store import Geometry
+    partial = store.new_partial(Digest("sha256", "a" * 64), Geometry.for_size(100))
     partial.pwrite(b"half", 0)  # a download killed mid-way leaves this behind
+    partial.close()
     reopened = BlobStore(tmp_path, limit=10**9)
     reopened.open()
     assert [e.digest for e in reopened.entries()] == [kept]
     assert not list((tmp_path / "tmp").iterdir())
+    assert not (tmp_path / "blobs" / "sha256" / ("a" * 64)).exists()
 
 
 def test_gc_evicts_lru_between_watermarks_and_spares_pins(tmp_path):
@@ -75,7 +78,7 @@ def test_lru_order_survives_restart(tmp_path):
     store = BlobStore(tmp_path, limit=10**6)
     store.open()
     old, new = put(store, b"old"), put(store, b"new")
-    os.utime(store.path_for(old), (1000, 1000))
+    os.utime(store.path_for(old) / "complete", (1000, 1000))
     reopened = BlobStore(tmp_path, limit=10**6)
     reopened.open()
     order = sorted(reopened.entries(), key=lambda e: e.last_access)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import BinaryIO, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from fleetp2p.errors import VerificationError
 from fleetp2p.fetch.download import Download
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
-from fleetp2p.store import BlobStore, StoredBlob, TempBlob
+from fleetp2p.store import BlobStore, Geometry, SegmentReader, SegmentWriter, StoredBlob
 from fleetp2p.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class BlobSource(Protocol):
     size: int
     label: str  # metrics source: local, upstream, peer
 
-    def open_file(self) -> BinaryIO: ...
+    def reader(self) -> SegmentReader: ...
 
     async def wait_readable(self, position: int) -> int: ...
 
@@ -43,8 +44,8 @@ class LocalSource:
         self.entry = entry
         self.size = entry.size
 
-    def open_file(self) -> BinaryIO:
-        return open(self.entry.path, "rb")
+    def reader(self) -> SegmentReader:
+        return self.entry.reader()
 
     async def wait_readable(self, position: int) -> int:
         return self.size
@@ -56,16 +57,18 @@ class DownloadSource:
         self.size = download.size
         self.label = download.source
 
-    def open_file(self) -> BinaryIO:
-        return self.download.open_file()
+    def reader(self) -> SegmentReader:
+        return self.download.reader()
 
     async def wait_readable(self, position: int) -> int:
         return await self.download.wait_readable(position)
 
 
 class BlobFetcher:
-    def __init__(self, store: BlobStore, upstream: UpstreamClient, metrics: Metrics) -> None:
+    def __init__(self, store: BlobStore, upstream: UpstreamClient, metrics: Metrics,
+                 geometry: Callable[[int], Geometry] = Geometry.for_size) -> None:
         self.store = store
+        self.geometry = geometry
         self.upstream = upstream
         self.metrics = metrics
         self._inflight: dict[Digest, Download] = {}
@@ -123,29 +126,29 @@ class BlobFetcher:
         return download
 
     async def _run(self, download: Download, registry: str, repository: str) -> None:
-        temp: TempBlob | None = None
+        writer: SegmentWriter | None = None
         try:
             stream = await self.upstream.open_blob(registry, repository, download.digest)
             try:
                 if self.store.needs_gc(stream.size):
                     await asyncio.to_thread(self.store.gc, stream.size, frozenset(self._inflight))
-                temp = self.store.new_temp(download.digest)
-                download.set_size(stream.size, temp.path)
-                hasher = await self._receive(stream.chunks(), temp, download)
+                writer = self.store.new_partial(download.digest, self.geometry(stream.size))
+                download.set_geometry(writer.geometry)
+                hasher = await self._receive(stream.chunks(), writer, download)
             finally:
                 await stream.close()
             if hasher.hexdigest() != download.digest.hex:
                 self.metrics.verification_failures.labels("blob").inc()
                 raise VerificationError(f"upstream bytes for {download.digest} hash to "
                                         f"{download.digest.algorithm}:{hasher.hexdigest()}")
-            await asyncio.to_thread(self.store.commit, temp, download.digest, download.size)
-            temp = None
+            await asyncio.to_thread(self.store.commit, writer, download.digest)
+            writer = None
             download.finish()
             log.info("fetched %s (%d bytes) from %s/%s", download.digest, download.size, registry,
                      repository)
         except BaseException as e:
-            if temp is not None:
-                temp.discard()
+            if writer is not None:
+                await asyncio.to_thread(writer.discard)
             download.fail(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
@@ -154,7 +157,7 @@ class BlobFetcher:
             self._inflight.pop(download.digest, None)
             self.metrics.inflight.dec()
 
-    async def _receive(self, chunks, temp: TempBlob, download: Download):
+    async def _receive(self, chunks, writer: SegmentWriter, download: Download):
         """Write and hash in a worker thread, one batch at a time, while the
         next batch arrives: the event loop never hashes or touches the disk."""
         hasher = hashlib.new(download.digest.algorithm)
@@ -165,7 +168,7 @@ class BlobFetcher:
         buffer = bytearray()
 
         def write(data: bytearray, at: int) -> None:
-            temp.pwrite(data, at)
+            writer.pwrite(data, at)
             hasher.update(data)
 
         try:

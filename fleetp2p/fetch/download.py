@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import BinaryIO
 
 from fleetp2p.oci.reference import Digest
+from fleetp2p.store import Geometry, SegmentReader
 
 
 class DownloadFailed(Exception):
@@ -20,10 +20,10 @@ class DownloadFailed(Exception):
 
 
 class Download:
-    def __init__(self, digest: Digest, final_path: Path) -> None:
+    def __init__(self, digest: Digest, directory: Path) -> None:
         self.digest = digest
-        self.final_path = final_path
-        self.temp_path: Path | None = None
+        self.directory = directory
+        self.geometry: Geometry | None = None
         self.size = -1
         self.written = 0
         self.verified = False
@@ -34,9 +34,9 @@ class Download:
 
     # Producer side --------------------------------------------------------
 
-    def set_size(self, size: int, temp_path: Path) -> None:
-        self.size = size
-        self.temp_path = temp_path
+    def set_geometry(self, geometry: Geometry) -> None:
+        self.geometry = geometry
+        self.size = geometry.size
         self._wake()
 
     def advance(self, written: int) -> None:
@@ -92,12 +92,7 @@ class Download:
                 return n
             await self._changed()
 
-    def open_file(self) -> BinaryIO:
-        """Open the partial file, or the stored one if the download was committed
-        meanwhile; either way the bytes are the same. Blocking."""
-        assert self.temp_path is not None
-        try:
-            return open(self.temp_path, "rb")
-        except FileNotFoundError:
-            return open(self.final_path, "rb")
-
+    def reader(self) -> SegmentReader:
+        """The blob's segment files: the same directory before and after commit."""
+        assert self.geometry is not None
+        return SegmentReader(self.directory, self.geometry)

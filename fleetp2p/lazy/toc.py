@@ -452,12 +452,13 @@ def _chunks_of(fmt: LayerFormat, d: _Draft) -> list[dict[str, Any]]:
         offset = _int(raw, "offset")
         if file_offset != pos or length <= 0 or file_offset + length > size:
             raise LazyFormatError(f"{d.name!r}: chunks do not tile the file at chunk {i}")
-        if offset == 0:
+        inner = _int(raw, "innerOffset")
+        if offset == 0 and inner == 0:  # only a stream shared from the blob's start sits at 0
             raise LazyFormatError(f"{d.name!r}: chunk {i} has no blob offset")
         # A file stored as one piece carries only the file digest, which then
         # is the chunk digest too.
         digest = _digest(raw, "chunkDigest") or (_digest(d.raw, "digest") if single else None)
-        out.append({"offset": offset, "inner": _int(raw, "innerOffset"), "file_offset": file_offset,
+        out.append({"offset": offset, "inner": inner, "file_offset": file_offset,
                     "size": length, "digest": digest, "zeros": chunk_type == "zeros"})
         pos += length
     if pos != size:
@@ -467,13 +468,17 @@ def _chunks_of(fmt: LayerFormat, d: _Draft) -> list[dict[str, Any]]:
 
 def _assign_ends(drafts: Sequence[_Draft], chunk_lists: list[list[dict[str, Any]]],
                  payload_end: int | None) -> None:
-    """Give every chunk its compressed end (see `build_toc`)."""
-    next_start = payload_end
+    """Give every chunk its compressed end (see `build_toc`).
+
+    A stream runs to the next larger chunk offset in blob order; chunks that
+    share a stream (same offset, different innerOffset) share its end.
+    """
+    next_start, later = payload_end, None
     for d, chunks in zip(reversed(drafts), reversed(chunk_lists)):
         for c in reversed(chunks):
-            c["end"] = next_start
-            if c["inner"] == 0:
-                next_start = c["offset"]
+            if later is not None and c["offset"] != later:
+                next_start = later
+            c["end"], later = next_start, c["offset"]
         end_offset = _int(d.raw, "endOffset")
         if chunks and end_offset:
             chunks[-1]["end"] = end_offset

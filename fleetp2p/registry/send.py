@@ -54,7 +54,7 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
     verify), the connection is aborted so the client never sees a complete body."""
     await response.prepare(request)
     loop = asyncio.get_running_loop()
-    f = await asyncio.to_thread(source.open_file)
+    reader = source.reader()
     first = True
     try:
         for span in spans:
@@ -64,11 +64,13 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
             while position < span.end:
                 available = await source.wait_readable(position)
                 count = min(span.end, available, position + SEND_CHUNK) - position
-                if first:
-                    metrics.ttfb.labels(source.label).observe(time.monotonic() - started)
-                    first = False
-                await _sendfile(loop, request, response, f, position, count)
-                metrics.served_bytes.labels(source.label).inc(count)
+                for index, within, n in reader.pieces(position, count):
+                    f = await asyncio.to_thread(reader.file, index)
+                    if first:
+                        metrics.ttfb.labels(source.label).observe(time.monotonic() - started)
+                        first = False
+                    await _sendfile(loop, request, response, f, within, n)
+                    metrics.served_bytes.labels(source.label).inc(n)
                 position += count
         if trailer:
             await response.write(trailer)
@@ -79,7 +81,7 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
             request.transport.abort()
         raise ConnectionAbortedError(str(e)) from None
     finally:
-        f.close()
+        reader.close()
 
 
 async def _sendfile(loop: asyncio.AbstractEventLoop, request: web.Request,

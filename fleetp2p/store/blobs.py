@@ -1,9 +1,15 @@
 """The blob store: what the node holds, complete and verified.
 
+Layout: `blobs/<alg>/<hex>/` holds the blob's segment files `0`, `1`, … (see
+geometry.py for why segments are files) and, once the whole blob has been
+verified and fsynced, a `complete` marker written by atomic rename.
+
 Invariants:
-- a file under `blobs/` was renamed there only after its digest was verified
-  and its bytes fsynced, so after any crash everything in `blobs/` is whole;
-- partial downloads live under `tmp/` and are deleted at startup;
+- a blob counts (is indexed, served, seeded) only with its `complete`
+  marker, which is renamed into place after digest verification and fsync,
+  so after any crash everything marked complete is whole;
+- directories without a marker are interrupted downloads and are deleted at
+  startup; `tmp/` holds nothing across restarts either;
 - LRU order is kept in memory and mirrored in file mtimes (touched at most
   once a minute per blob) so it survives restarts without a database;
 - pinned blobs (seeded releases) are never evicted.
@@ -15,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,47 +30,29 @@ from fleetp2p.errors import VerificationError
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.store.files import atomic_write, fsync_dir
+from fleetp2p.store.geometry import Geometry
+from fleetp2p.store.segments import SegmentReader, SegmentWriter
 
 log = logging.getLogger(__name__)
 
 TOUCH_INTERVAL = 60.0
+MARKER = "complete"
 
 
 @dataclass
 class StoredBlob:
     digest: Digest
-    path: Path
-    size: int
+    path: Path  # the blob's directory
+    geometry: Geometry
     last_access: float
     media_type: str | None = None
 
+    @property
+    def size(self) -> int:
+        return self.geometry.size
 
-class TempBlob:
-    """A blob being written. Writes go through `pwrite` so readers of the
-    same file (in-flight streaming) see bytes as soon as they are written."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-
-    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.fd, view, offset)
-            view = view[written:]
-            offset += written
-
-    def truncate(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def discard(self) -> None:
-        self.close()
-        self.path.unlink(missing_ok=True)
+    def reader(self) -> SegmentReader:
+        return SegmentReader(self.path, self.geometry)
 
 
 class BlobStore:
@@ -83,6 +70,8 @@ class BlobStore:
         self._index: dict[Digest, StoredBlob] = {}
         self._pins: dict[str, set[str]] = {}  # label → digests
         self._total = 0
+        # called (blocking, in the GC thread) before a blob's files go: the swarm stops seeding it
+        self.on_remove: list = []
 
     # Startup -------------------------------------------------------------
 
@@ -99,23 +88,32 @@ class BlobStore:
             removed += 1
         if removed:
             log.info("removed %d partial downloads left by a previous run", removed)
+        partial = 0
         for algo_dir in self.blob_dir.iterdir():
             for path in algo_dir.iterdir():
-                if path.name.startswith("."):
-                    path.unlink(missing_ok=True)  # an atomic_write interrupted before rename
+                entry = self._read_marker(algo_dir.name, path)
+                if entry is None:
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+                    partial += 1
                     continue
-                try:
-                    digest = Digest.parse(f"{algo_dir.name}:{path.name}")
-                except Exception:
-                    log.warning("ignoring unexpected file in store: %s", path)
-                    continue
-                st = path.stat()
-                self._index[digest] = StoredBlob(digest, path, st.st_size, st.st_mtime)
-                self._total += st.st_size
+                self._index[entry.digest] = entry
+                self._total += entry.size
+        if partial:
+            log.info("removed %d interrupted downloads left by a previous run", partial)
         self._load_pins()
         self._update_gauges()
         log.info("store %s: %d blobs, %d bytes, limit %d", self.root, len(self._index),
                  self._total, self.limit)
+
+    def _read_marker(self, algorithm: str, path: Path) -> StoredBlob | None:
+        try:
+            digest = Digest.parse(f"{algorithm}:{path.name}")
+            marker = path / MARKER
+            raw = json.loads(marker.read_bytes())
+            geometry = Geometry(int(raw["size"]), int(raw["segment_size"]), int(raw["piece_size"]))
+            return StoredBlob(digest, path, geometry, marker.stat().st_mtime)
+        except (OSError, ValueError, KeyError, TypeError, Exception):
+            return None
 
     # Lookup --------------------------------------------------------------
 
@@ -130,7 +128,7 @@ class BlobStore:
         now = time.time()
         if now - entry.last_access > TOUCH_INTERVAL:
             try:
-                os.utime(entry.path, (now, now))
+                os.utime(entry.path / MARKER, (now, now))
             except FileNotFoundError:  # removed behind our back
                 self._forget(digest)
                 return None
@@ -160,21 +158,30 @@ class BlobStore:
 
     # Writing -------------------------------------------------------------
 
-    def new_temp(self, digest: Digest) -> TempBlob:
-        return TempBlob(self.tmp_dir / f"{digest.hex}.{secrets.token_hex(4)}.part")
+    def new_partial(self, digest: Digest, geometry: Geometry) -> SegmentWriter:
+        """Where a download writes. Its directory is the blob's final place (libtorrent
+        seeds from stable paths); it counts only once `commit` marks it complete."""
+        directory = self.path_for(digest)
+        if directory.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+        writer = SegmentWriter(directory, geometry)
+        if geometry.size == 0:
+            writer.ensure_empty_blob()
+        return writer
 
-    def commit(self, temp: TempBlob, digest: Digest, size: int, media_type: str | None = None) -> StoredBlob:
-        """Make a fully written, already verified temp file a stored blob.
-        Blocking (fsync): call from a worker thread."""
-        os.fsync(temp.fd)
-        temp.close()
+    def commit(self, writer: SegmentWriter, digest: Digest,
+               media_type: str | None = None) -> StoredBlob:
+        """Mark a fully written, already verified blob complete. Blocking (fsync):
+        call from a worker thread."""
+        writer.fsync()
+        writer.close()
         if media_type is not None:
             atomic_write(self._meta_path(digest), json.dumps({"media_type": media_type}).encode())
-        target = self.path_for(digest)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp.path, target)
-        fsync_dir(target.parent)
-        return self._register(digest, target, size, media_type)
+        geometry = writer.geometry
+        atomic_write(writer.directory / MARKER, json.dumps({
+            "size": geometry.size, "segment_size": geometry.segment_size,
+            "piece_size": geometry.piece_size, "digest": str(digest)}).encode())
+        return self._register(digest, writer.directory, geometry, media_type)
 
     def put_bytes(self, digest: Digest, data: bytes, media_type: str | None = None) -> StoredBlob:
         """Store small content (manifests) after checking its digest. Blocking."""
@@ -184,12 +191,12 @@ class BlobStore:
         existing = self._index.get(digest)
         if existing is not None and (media_type is None or self.media_type(digest) == media_type):
             return existing
-        temp = self.new_temp(digest)
+        writer = self.new_partial(digest, Geometry.for_size(len(data)))
         try:
-            temp.pwrite(data, 0)
-            return self.commit(temp, digest, len(data), media_type)
+            writer.pwrite(data, 0)
+            return self.commit(writer, digest, media_type)
         except BaseException:
-            temp.discard()
+            writer.discard()
             raise
 
     def read_bytes(self, digest: Digest) -> bytes | None:
@@ -197,27 +204,36 @@ class BlobStore:
         entry = self.get(digest)
         if entry is None:
             return None
+        reader = entry.reader()
         try:
-            return entry.path.read_bytes()
+            return reader.read(0, entry.size)
         except FileNotFoundError:
             self._forget(digest)
             return None
+        finally:
+            reader.close()
 
-    def _register(self, digest: Digest, path: Path, size: int, media_type: str | None) -> StoredBlob:
+    def _register(self, digest: Digest, path: Path, geometry: Geometry,
+                  media_type: str | None) -> StoredBlob:
         previous = self._index.get(digest)
         if previous is not None:
             self._total -= previous.size
-        entry = StoredBlob(digest, path, size, time.time(), media_type)
+        entry = StoredBlob(digest, path, geometry, time.time(), media_type)
         self._index[digest] = entry
-        self._total += size
+        self._total += geometry.size
         self._update_gauges()
         return entry
 
     def remove(self, digest: Digest) -> None:
+        """Blocking. Marker first: an interrupted removal leaves a partial, never a
+        'complete' blob with segments missing."""
         entry = self._index.get(digest)
         if entry is None:
             return
-        entry.path.unlink(missing_ok=True)
+        for hook in self.on_remove:
+            hook(digest)
+        (entry.path / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(entry.path, ignore_errors=True)
         self._meta_path(digest).unlink(missing_ok=True)
         self._forget(digest)
 
