@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fleetp2p import __version__
+from fleetp2p.admin import add_admin_routes
 from fleetp2p.config import Config
 from fleetp2p.fetch import BlobFetcher, ManifestService
 from fleetp2p.metrics import Metrics
@@ -42,6 +43,7 @@ class Agent:
         self.front.add_routes(app)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get(f"{ADMIN_PREFIX}/health", self.handle_health)
+        add_admin_routes(app, self)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app

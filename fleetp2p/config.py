@@ -88,6 +88,9 @@ class Config:
     log_level: str = key("info", "debug, info, warning or error")
     event_loop: str = key("asyncio", "asyncio (zero-copy sendfile for cache hits) or uvloop "
                           "(uvloop's transports copy file bodies; see bench/hot_serve.py)")
+    admin_allow_remote: bool = key(
+        False, "answer the admin API (/_fleetp2p/v1/: seed, pull, status) for non-loopback clients "
+        "too; it has no authentication, so keep it false unless a firewall guards the listener")
     registries: list[Registry] = key(None, "upstream registries ([[registries]] tables: name, url, "
                                      "username, password, docker_config)", factory=list)
 

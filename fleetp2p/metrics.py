@@ -57,6 +57,30 @@ class Metrics:
         self.verification_failures = Counter(
             "fleetp2p_verification_failures", "Content that did not match its digest",
             ["kind"], registry=r)
+        # Swarm
+        self.peers_connected = Gauge("fleetp2p_peers_connected", "BitTorrent peers connected",
+                                     registry=r)
+        self.torrents = Gauge("fleetp2p_swarm_torrents", "Segment torrents in the session",
+                              registry=r)
+        self.segments = Counter("fleetp2p_segments_fetched",
+                                "Blob segments completed, by where they came from", ["source"],
+                                registry=r)
+        self.fetched_bytes = Counter("fleetp2p_fetched_bytes",
+                                     "Blob bytes brought onto this node, by source", ["source"],
+                                     registry=r)
+        self.lease_waits = Counter("fleetp2p_lease_waits",
+                                   "Times a segment was leased to another node and we waited for it",
+                                   registry=r)
+        self.piece_hash_failures = Counter("fleetp2p_piece_hash_failures",
+                                           "Pieces from peers that failed their hash", registry=r)
+        self.tracker_latency = Histogram("fleetp2p_tracker_request_seconds",
+                                         "Tracker API latency by operation", ["op"],
+                                         buckets=TTFB_BUCKETS, registry=r)
+        self.tracker_errors = Counter("fleetp2p_tracker_errors", "Failed tracker calls", ["op"],
+                                      registry=r)
+        for source in SOURCES:
+            self.segments.labels(source)
+            self.fetched_bytes.labels(source)
         for source in SOURCES:
             self.served_bytes.labels(source)
         for kind in ("blob", "manifest"):

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from fleetp2p.errors import VerificationError
 from fleetp2p.fetch.download import Download
+from fleetp2p.fetch.receive import receive
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.store import BlobStore, Geometry, SegmentReader, SegmentWriter, StoredBlob
@@ -24,22 +25,20 @@ from fleetp2p.upstream import UpstreamClient
 
 log = logging.getLogger(__name__)
 
-# Upstream bytes are buffered up to this much while the previous write+hash runs.
-MAX_BUFFER = 4 * 1024 * 1024
-
 
 class BlobSource(Protocol):
     size: int
-    label: str  # metrics source: local, upstream, peer
 
     def reader(self) -> SegmentReader: ...
 
     async def wait_readable(self, position: int) -> int: ...
 
+    def label_at(self, offset: int) -> str:
+        """Metrics source of the byte at `offset`: local, upstream or peer."""
+        ...
+
 
 class LocalSource:
-    label = "local"
-
     def __init__(self, entry: StoredBlob) -> None:
         self.entry = entry
         self.size = entry.size
@@ -50,18 +49,23 @@ class LocalSource:
     async def wait_readable(self, position: int) -> int:
         return self.size
 
+    def label_at(self, offset: int) -> str:
+        return "local"
+
 
 class DownloadSource:
     def __init__(self, download: Download) -> None:
         self.download = download
         self.size = download.size
-        self.label = download.source
 
     def reader(self) -> SegmentReader:
         return self.download.reader()
 
     async def wait_readable(self, position: int) -> int:
         return await self.download.wait_readable(position)
+
+    def label_at(self, offset: int) -> str:
+        return self.download.label_at(offset)
 
 
 class BlobFetcher:
@@ -134,7 +138,13 @@ class BlobFetcher:
                     await asyncio.to_thread(self.store.gc, stream.size, frozenset(self._inflight))
                 writer = self.store.new_partial(download.digest, self.geometry(stream.size))
                 download.set_geometry(writer.geometry)
-                hasher = await self._receive(stream.chunks(), writer, download)
+                hasher = hashlib.new(download.digest.algorithm)
+
+                def write(data: bytearray, offset: int) -> None:
+                    writer.pwrite(data, offset)
+                    hasher.update(data)
+
+                await receive(stream.chunks(), write, 0, download.advance)
             finally:
                 await stream.close()
             if hasher.hexdigest() != download.digest.hex:
@@ -156,42 +166,3 @@ class BlobFetcher:
         finally:
             self._inflight.pop(download.digest, None)
             self.metrics.inflight.dec()
-
-    async def _receive(self, chunks, writer: SegmentWriter, download: Download):
-        """Write and hash in a worker thread, one batch at a time, while the
-        next batch arrives: the event loop never hashes or touches the disk."""
-        hasher = hashlib.new(download.digest.algorithm)
-        loop = asyncio.get_running_loop()
-        pending: asyncio.Future | None = None
-        pending_end = 0
-        offset = 0
-        buffer = bytearray()
-
-        def write(data: bytearray, at: int) -> None:
-            writer.pwrite(data, at)
-            hasher.update(data)
-
-        try:
-            async for chunk in chunks:
-                buffer += chunk
-                if pending is not None and (pending.done() or len(buffer) >= MAX_BUFFER):
-                    await pending
-                    download.advance(pending_end)
-                    pending = None
-                if pending is None:
-                    pending = loop.run_in_executor(None, write, buffer, offset)
-                    offset += len(buffer)
-                    pending_end = offset
-                    buffer = bytearray()
-            if pending is not None:
-                await pending
-                download.advance(pending_end)
-        except BaseException:
-            if pending is not None and not pending.done():
-                await asyncio.wait([pending])  # never close the file under a running write
-            raise
-        if buffer:
-            await loop.run_in_executor(None, write, buffer, offset)
-            offset += len(buffer)
-            download.advance(offset)
-        return hasher

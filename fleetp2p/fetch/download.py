@@ -29,7 +29,10 @@ class Download:
         self.verified = False
         self.error: BaseException | None = None
         self.task: asyncio.Task | None = None
-        self.source = "upstream"
+        self.source = "upstream"  # metrics label of bytes not attributed to a segment
+        self.segment_sources: dict[int, str] = {}
+        self._pieces = bytearray()
+        self._next_piece = 0
         self._waiters: list[asyncio.Future] = []
 
     # Producer side --------------------------------------------------------
@@ -37,11 +40,34 @@ class Download:
     def set_geometry(self, geometry: Geometry) -> None:
         self.geometry = geometry
         self.size = geometry.size
+        self._pieces = bytearray(max(1, -(-geometry.size // geometry.piece_size)))
         self._wake()
 
     def advance(self, written: int) -> None:
+        """Bytes [0, written) are on disk (a single in-order stream)."""
         self.written = written
         self._wake()
+
+    def mark_pieces(self, first: int, end: int) -> None:
+        """Blob-wide pieces [first, end) are on disk (segments arrive in any order)."""
+        assert self.geometry is not None
+        for piece in range(first, end):
+            self._pieces[piece] = 1
+        moved = False
+        while self._next_piece < len(self._pieces) and self._pieces[self._next_piece]:
+            self._next_piece += 1
+            moved = True
+        if moved:
+            self.written = min(self._next_piece * self.geometry.piece_size, self.size)
+            self._wake()
+
+    def has_piece(self, piece: int) -> bool:
+        return bool(self._pieces[piece])
+
+    def label_at(self, offset: int) -> str:
+        if not self.segment_sources or self.geometry is None:
+            return self.source
+        return self.segment_sources.get(offset // self.geometry.segment_size, self.source)
 
     def finish(self) -> None:
         self.written = self.size

@@ -3,9 +3,9 @@
 Only the manifest is trusted (the agent verified it by digest), so the
 descriptor's annotations are what make a lazy layer verifiable: a layer
 without a TOC digest annotation is not served lazily at all, whatever its
-bytes look like.  The plan also says which bytes to fetch first, so the agent
-needs one range request before it can parse the TOC (two for eStargz, whose
-TOC position is only in the footer).
+bytes look like.  The plan also says which bytes to fetch first: the TOC
+itself when a zstd:chunked position annotation gives it (one request),
+otherwise the footer and then the TOC (two requests, always so for eStargz).
 """
 
 from __future__ import annotations

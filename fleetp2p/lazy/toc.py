@@ -15,13 +15,11 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
-import json
 import posixpath
 import re
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import zstandard
 
@@ -35,9 +33,7 @@ MAX_TOC_SIZE = 150 << 20
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 
-ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo"})
-_MAX_INT = (1 << 63) - 1
-_DIGEST_RE = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")  # use fullmatch
 
 
 class LazyError(FleetError):
@@ -94,7 +90,9 @@ class Chunk:
     The chunk's bytes are the `size` bytes that follow `inner_offset` bytes of
     the decompressed stream that starts at `compressed_offset` in the blob.
     `compressed_size` is None only when the stream's end is unknown (the TOC
-    was parsed without a `TocLocation` and nothing else bounds it).
+    was parsed without a `TocLocation` and nothing else bounds it).  `size`
+    can be a whole large file (one stored in a single piece): a caller that
+    bounds memory checks it before decoding.
     """
 
     path: str
@@ -242,7 +240,7 @@ def fetch_ranges(chunks: Iterable[Chunk], *, gap: int = 0) -> list[tuple[int, in
 def check_digest(data: bytes, expected: str, what: str) -> None:
     """Raise DigestMismatch unless `data` hashes to the OCI digest `expected`."""
     algo, _, _ = expected.partition(":")
-    if not _DIGEST_RE.fullmatch(expected):
+    if not DIGEST_RE.fullmatch(expected):
         raise LazyFormatError(f"{what}: unsupported or malformed digest {expected!r}")
     actual = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
     if actual != expected:
@@ -349,170 +347,3 @@ def _end_of(chunk: Chunk) -> int:
     if chunk.compressed_end is None:
         raise LazyFormatError(f"end of the chunk at {chunk.compressed_offset} is unknown")
     return chunk.compressed_end
-
-
-# --- building from TOC JSON (shared by both formats) ---------------------------
-
-
-def load_json(data: bytes) -> Any:
-    """json.loads that fails closed (deep nesting and bad UTF-8 included)."""
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise LazyFormatError(f"TOC is not valid JSON: {exc}") from None
-
-
-def _int(raw: dict[str, Any], key: str) -> int:
-    value = raw.get(key, 0)
-    if value is None:
-        value = 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
-        raise LazyFormatError(f"TOC field {key!r} is not a non-negative integer: {value!r}")
-    return value
-
-
-def _str(raw: dict[str, Any], key: str) -> str:
-    value = raw.get(key, "")
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise LazyFormatError(f"TOC field {key!r} is not a string: {value!r}")
-    return value
-
-
-def _digest(raw: dict[str, Any], key: str) -> str | None:
-    value = _str(raw, key)
-    if not value:
-        return None
-    if not _DIGEST_RE.fullmatch(value):
-        raise LazyFormatError(f"TOC field {key!r} is not a supported digest: {value!r}")
-    return value
-
-
-@dataclass
-class _Draft:
-    raw: dict[str, Any]
-    name: str
-    chunks: list[dict[str, Any]]
-
-
-def build_toc(fmt: LayerFormat, doc: Any, digest: str, payload_end: int | None) -> TOC:
-    """Turn decoded TOC JSON (either format) into a validated `TOC`.
-
-    The two formats differ only in optional fields: zstd:chunked may record
-    `endOffset` (the end of a file's last frame) and `chunkType`; eStargz may
-    record `innerOffset`.  Where no end is recorded a chunk's stream ends
-    where the next stream starts, or at `payload_end` for the last one.
-    """
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries"), list):
-        raise LazyFormatError("TOC JSON has no entries list")
-    if doc.get("version") != 1:
-        raise LazyFormatError(f"unsupported TOC version {doc.get('version')!r}")
-    drafts: list[_Draft] = []
-    current: _Draft | None = None
-    for raw in doc["entries"]:
-        if not isinstance(raw, dict):
-            raise LazyFormatError("TOC entry is not an object")
-        typ = _str(raw, "type")
-        if typ == "chunk":
-            if current is None:
-                raise LazyFormatError("chunk entry without a preceding regular file")
-            current.chunks.append(raw)
-            continue
-        if typ not in ENTRY_TYPES:
-            raise LazyFormatError(f"unknown TOC entry type {typ!r}")
-        draft = _Draft(raw, clean_name(_str(raw, "name")), [raw] if typ == "reg" else [])
-        current = draft if typ == "reg" else None
-        drafts.append(draft)
-
-    chunk_lists = [_chunks_of(fmt, d) for d in drafts]
-    _assign_ends(drafts, chunk_lists, payload_end)
-    entries = tuple(_entry_of(d, tuple(cs)) for d, cs in zip(drafts, chunk_lists))
-    return TOC(fmt, digest, entries, payload_end)
-
-
-def _chunks_of(fmt: LayerFormat, d: _Draft) -> list[dict[str, Any]]:
-    """Validated chunk records (as dicts) of one regular file, contiguous from 0 to size."""
-    if _str(d.raw, "type") != "reg":
-        return []
-    size = _int(d.raw, "size")
-    if size == 0:
-        if len(d.chunks) > 1:
-            raise LazyFormatError(f"{d.name!r}: empty file has chunk entries")
-        return []
-    single = len(d.chunks) == 1
-    out: list[dict[str, Any]] = []
-    pos = 0
-    for i, raw in enumerate(d.chunks):
-        chunk_type = _str(raw, "chunkType")
-        if chunk_type not in ("", "zeros") or (chunk_type and fmt is not LayerFormat.ZSTD_CHUNKED):
-            raise LazyFormatError(f"{d.name!r}: unknown chunk type {chunk_type!r}")
-        file_offset = _int(raw, "chunkOffset")
-        length = _int(raw, "chunkSize") or (size - file_offset)
-        offset = _int(raw, "offset")
-        if file_offset != pos or length <= 0 or file_offset + length > size:
-            raise LazyFormatError(f"{d.name!r}: chunks do not tile the file at chunk {i}")
-        inner = _int(raw, "innerOffset")
-        if offset == 0 and inner == 0:  # only a stream shared from the blob's start sits at 0
-            raise LazyFormatError(f"{d.name!r}: chunk {i} has no blob offset")
-        # A file stored as one piece carries only the file digest, which then
-        # is the chunk digest too.
-        digest = _digest(raw, "chunkDigest") or (_digest(d.raw, "digest") if single else None)
-        out.append({"offset": offset, "inner": inner, "file_offset": file_offset,
-                    "size": length, "digest": digest, "zeros": chunk_type == "zeros"})
-        pos += length
-    if pos != size:
-        raise LazyFormatError(f"{d.name!r}: chunks cover {pos} of {size} bytes")
-    return out
-
-
-def _assign_ends(drafts: Sequence[_Draft], chunk_lists: list[list[dict[str, Any]]],
-                 payload_end: int | None) -> None:
-    """Give every chunk its compressed end (see `build_toc`).
-
-    A stream runs to the next larger chunk offset in blob order; chunks that
-    share a stream (same offset, different innerOffset) share its end.
-    """
-    next_start, later = payload_end, None
-    for d, chunks in zip(reversed(drafts), reversed(chunk_lists)):
-        for c in reversed(chunks):
-            if later is not None and c["offset"] != later:
-                next_start = later
-            c["end"], later = next_start, c["offset"]
-        end_offset = _int(d.raw, "endOffset")
-        if chunks and end_offset:
-            chunks[-1]["end"] = end_offset
-        for c in chunks:
-            end = c["end"]
-            if payload_end is not None and c["offset"] >= payload_end:
-                raise LazyFormatError(f"{d.name!r}: chunk offset {c['offset']} is past the file data")
-            if end is not None and (end <= c["offset"] or (payload_end is not None and end > payload_end)):
-                raise LazyFormatError(f"{d.name!r}: chunk at {c['offset']} has a bad end {end}")
-
-
-def _entry_of(d: _Draft, chunks: tuple[dict[str, Any], ...]) -> Entry:
-    raw = d.raw
-    xattrs = raw.get("xattrs") or {}
-    if not isinstance(xattrs, dict) or not all(isinstance(v, str) for v in xattrs.values()):
-        raise LazyFormatError(f"{d.name!r}: xattrs are not a string map")
-    modtime = raw.get("modtime")
-    return Entry(
-        name=d.name,
-        type=_str(raw, "type"),
-        size=_int(raw, "size"),
-        mode=_int(raw, "mode"),
-        uid=_int(raw, "uid"),
-        gid=_int(raw, "gid"),
-        link_name=_str(raw, "linkName"),
-        digest=_digest(raw, "digest"),
-        modtime=modtime if isinstance(modtime, str) else None,
-        dev_major=_int(raw, "devMajor"),
-        dev_minor=_int(raw, "devMinor"),
-        xattrs=dict(xattrs),
-        chunks=tuple(
-            Chunk(path=d.name, compressed_offset=c["offset"],
-                  compressed_size=None if c["end"] is None else c["end"] - c["offset"],
-                  file_offset=c["file_offset"], size=c["size"], digest=c["digest"],
-                  inner_offset=c["inner"], zeros=c["zeros"])
-            for c in chunks),
-    )

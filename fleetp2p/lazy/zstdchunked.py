@@ -30,7 +30,7 @@ the file's `endOffset`.  `chunkDigest` is the sha256 of a chunk's
 uncompressed bytes (holes included), `digest` that of the whole file; a file
 stored as one piece has only `digest`.  `chunkType: "zeros"` marks a hole.
 ctr-remote writes eStargz-style TOC JSON into the same container (no
-`endOffset`, chunk ends implied by the next offset); `build_toc` reads both.
+`endOffset`, chunk ends implied by the next offset); `estargz.build_toc` reads both.
 """
 
 from __future__ import annotations
@@ -40,16 +40,15 @@ import re
 import struct
 from collections.abc import Mapping
 
+from fleetp2p.lazy.estargz import build_toc, load_json
 from fleetp2p.lazy.toc import (
     MAX_TOC_SIZE,
     TOC,
     LayerFormat,
     LazyFormatError,
     TocLocation,
-    build_toc,
     check_digest,
     inflate,
-    load_json,
 )
 
 SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"

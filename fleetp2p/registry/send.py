@@ -66,11 +66,12 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
                 count = min(span.end, available, position + SEND_CHUNK) - position
                 for index, within, n in reader.pieces(position, count):
                     f = await asyncio.to_thread(reader.file, index)
+                    label = source.label_at(position)
                     if first:
-                        metrics.ttfb.labels(source.label).observe(time.monotonic() - started)
+                        metrics.ttfb.labels(label).observe(time.monotonic() - started)
                         first = False
                     await _sendfile(loop, request, response, f, within, n)
-                    metrics.served_bytes.labels(source.label).inc(n)
+                    metrics.served_bytes.labels(label).inc(n)
                 position += count
         if trailer:
             await response.write(trailer)

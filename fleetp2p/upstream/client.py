@@ -115,9 +115,10 @@ class UpstreamClient:
             return resp.content_length
 
     async def open_blob(self, registry: str, repository: str, digest: Digest,
-                        offset: int = 0) -> "UpstreamBlob":
-        """Start a blob body from `offset`; the returned stream resumes by itself."""
-        blob = UpstreamBlob(self, registry, repository, digest)
+                        offset: int = 0, end: int | None = None) -> "UpstreamBlob":
+        """Start a blob body from `offset` (to `end`, exclusive, or the end of the
+        blob); the returned stream resumes by itself."""
+        blob = UpstreamBlob(self, registry, repository, digest, end)
         await blob.start(offset)
         return blob
 
@@ -247,13 +248,15 @@ class UpstreamBlob:
     really starts at N (an upstream that ignores Range gets its prefix skipped).
     """
 
-    def __init__(self, client: UpstreamClient, registry: str, repository: str, digest: Digest) -> None:
+    def __init__(self, client: UpstreamClient, registry: str, repository: str, digest: Digest,
+                 end: int | None = None) -> None:
         self.client = client
         self.registry = registry
         self.repository = repository
         self.digest = digest
-        self.size = -1
+        self.size = -1  # of the whole blob
         self.position = 0
+        self._end = end  # exclusive; None: the end of the blob
         self._resp: aiohttp.ClientResponse | None = None
         self._skip = 0
 
@@ -263,7 +266,9 @@ class UpstreamBlob:
 
     async def _open(self) -> None:
         headers = {"Accept-Encoding": "identity"}
-        if self.position:
+        if self._end is not None:
+            headers["Range"] = f"bytes={self.position}-{self._end - 1}"
+        elif self.position:
             headers["Range"] = f"bytes={self.position}-"
         resp = await self.client.request("GET", self.registry, self.repository,
                                          f"blobs/{self.digest}", headers, kind="blob")
@@ -283,10 +288,11 @@ class UpstreamBlob:
                 raise self.client._invalid("blob", f"206 with Content-Range "
                                            f"{resp.headers.get('Content-Range')!r} for a request at {self.position}")
             total = int(match.group(3)) if match.group(3) != "*" else -1
-            expected_length = int(match.group(2)) - int(match.group(1)) + 1
-            if total < 0 or (length is not None and length != expected_length) or \
-                    int(match.group(2)) != total - 1:
-                raise self.client._invalid("blob", "206 reply does not cover the rest of the blob")
+            last = int(match.group(2))
+            expected_length = last - int(match.group(1)) + 1
+            wanted_last = (self._end if self._end is not None else total) - 1
+            if total < 0 or (length is not None and length != expected_length) or last != wanted_last:
+                raise self.client._invalid("blob", "206 reply does not cover the requested range")
             skip = 0
         elif resp.status == 200:
             if length is None:
@@ -300,14 +306,20 @@ class UpstreamBlob:
         if self.size >= 0 and total != self.size:
             raise self.client._invalid("blob", f"blob size changed from {self.size} to {total}")
         self.size = total
+        if self._end is not None and self._end > total:
+            raise self.client._invalid("blob", f"range end {self._end} beyond blob size {total}")
         return skip
+
+    @property
+    def end(self) -> int:
+        return self._end if self._end is not None else self.size
 
     async def chunks(self) -> AsyncIterator[bytes]:
         metrics = self.client.metrics
         stall = self.client.config.upstream_stall_timeout
         failures = 0
         try:
-            while self.position < self.size:
+            while self.position < self.end:
                 if self._resp is None:
                     if failures >= self.client.config.upstream_retries:
                         raise UpstreamError(f"blob {self.digest} kept failing at byte {self.position}",
@@ -339,8 +351,10 @@ class UpstreamBlob:
                         continue
                     chunk = chunk[self._skip:]
                     self._skip = 0
-                if self.position + len(chunk) > self.size:
-                    raise self.client._invalid("blob", "upstream sent more bytes than announced")
+                if self.position + len(chunk) > self.end:
+                    if self._end is None or self._resp.status == 206:
+                        raise self.client._invalid("blob", "upstream sent more bytes than announced")
+                    chunk = chunk[:self.end - self.position]  # a 200 to our Range: stop at the end
                 self.position += len(chunk)
                 failures = 0
                 yield chunk

@@ -1,0 +1,128 @@
+"""The agent's view of itself, as `GET /_fleetp2p/v1/status` returns it.
+
+Counters are read from the agent's Prometheus registry by metric name, so
+the status shows exactly what /metrics exports (and picks up the swarm's
+metrics — fetched bytes by source, peers — as soon as they exist). Swarm
+fields the agent cannot fill yet are null; the CLI shows them as "n/a".
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from fleetp2p import __version__
+
+if TYPE_CHECKING:
+    from fleetp2p.agent import Agent
+
+
+def build_status(agent: "Agent") -> dict[str, Any]:
+    config = agent.config
+    samples = _samples(agent.metrics.registry)
+    return {
+        "version": __version__,
+        "listen": config.listen,
+        "default_registry": config.default_registry,
+        "data_dir": config.data_dir,
+        "store": _store(agent),
+        "pins": _pins(agent),
+        "inflight": _inflight(agent),
+        "served_bytes": _by_label(samples, "fleetp2p_served_bytes_total", "source"),
+        "fetched_bytes": _by_label(samples, "fleetp2p_fetched_bytes_total", "source") or None,
+        "upstream": {
+            "registries": [{"name": r.name, "url": r.url} for r in config.registries],
+            "bytes": _by_label(samples, "fleetp2p_upstream_bytes_total", "kind"),
+            "errors": _errors(samples),
+        },
+        "verification_failures": sum(_by_label(samples, "fleetp2p_verification_failures_total",
+                                               "kind").values()),
+        "swarm": _swarm(agent, samples),
+    }
+
+
+def _store(agent: "Agent") -> dict[str, Any]:
+    store = agent.store
+    used = store.total_bytes
+    limit = store.limit
+    pinned = set().union(*store.pins().values()) if store.pins() else set()
+    pinned_bytes = sum(e.size for e in store.entries() if str(e.digest) in pinned)
+    try:
+        free = shutil.disk_usage(agent.config.data_dir).free
+    except OSError:
+        free = None
+    return {"bytes": used, "blobs": len(store.entries()), "limit": limit,
+            "high_watermark": store.high, "low_watermark": store.low,
+            "high_bytes": int(limit * store.high), "low_bytes": int(limit * store.low),
+            "usage": used / limit if limit else None,
+            "above_high_watermark": used > limit * store.high,
+            "pinned_bytes": pinned_bytes, "disk_free_bytes": free}
+
+
+def _pins(agent: "Agent") -> list[dict[str, Any]]:
+    sizes = {str(e.digest): e.size for e in agent.store.entries()}
+    result = []
+    for label, digests in sorted(agent.store.pins().items()):
+        present = [d for d in digests if d in sizes]
+        result.append({"label": label, "digests": len(digests), "present": len(present),
+                       "bytes": sum(sizes[d] for d in present)})
+    return result
+
+
+def _inflight(agent: "Agent") -> list[dict[str, Any]]:
+    result = []
+    for download in agent.blobs.inflight():
+        result.append({"digest": str(getattr(download, "digest", "")),
+                       "size": getattr(download, "size", -1),
+                       "done": getattr(download, "written", 0),
+                       "source": getattr(download, "source", None)})
+    return result
+
+
+def _swarm(agent: "Agent", samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, Any]:
+    """Fields the swarm fills: null until it exists on this agent."""
+    info: dict[str, Any] = {"enabled": False, "tracker_url": getattr(agent.config, "tracker_url", None),
+                            "tracker_reachable": None, "peers": None, "peer_listen": None}
+    swarm = getattr(agent, "swarm", None)
+    if swarm is not None:
+        info["enabled"] = True
+        peers = samples.get("fleetp2p_peers_connected")
+        if peers:
+            info["peers"] = int(sum(v for _, v in peers))
+        status = getattr(swarm, "status", None)
+        if callable(status):
+            extra = status()
+            if isinstance(extra, dict):
+                info.update(extra)
+    return info
+
+
+# Metrics -------------------------------------------------------------------
+
+def _samples(registry: CollectorRegistry) -> dict[str, list[tuple[dict[str, str], float]]]:
+    by_name: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    for family in registry.collect():
+        for sample in family.samples:
+            by_name[sample.name].append((dict(sample.labels), sample.value))
+    return by_name
+
+
+def _by_label(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
+              label: str) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for labels, value in samples.get(name, []):
+        key = labels.get(label, "")
+        totals[key] = totals.get(key, 0) + int(value)
+    return totals
+
+
+def _errors(samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, int]:
+    """Upstream errors as `kind/reason` → count, zero counts left out."""
+    result = {}
+    for labels, value in samples.get("fleetp2p_upstream_errors_total", []):
+        if value:
+            result[f"{labels.get('kind', '?')}/{labels.get('reason', '?')}"] = int(value)
+    return result
