@@ -91,6 +91,20 @@ class Config:
     admin_allow_remote: bool = key(
         False, "answer the admin API (/_fleetp2p/v1/: seed, pull, status) for non-loopback clients "
         "too; it has no authentication, so keep it false unless a firewall guards the listener")
+    tracker: str = key("embedded", '"embedded" (run a tracker in this agent on tracker_listen), a '
+                       'tracker URL (http://host:port), or "none" (no peer-to-peer)')
+    tracker_listen: str = key("127.0.0.1:5051", "HOST:PORT of the embedded tracker")
+    tracker_token: str = key("", "shared secret sent to (and required by) the tracker; empty: none")
+    tracker_redis: str = key("", "Redis URL for the embedded tracker's state (empty: in memory)")
+    peer_listen: str = key("127.0.0.1:6881", "HOST:PORT for BitTorrent peers; a fleet sets "
+                           "0.0.0.0:6881 (or the node's address)")
+    advertise_addr: str = key("", "address other nodes dial for this node's peer port; default: "
+                              "the peer_listen host, else the first non-loopback address")
+    zone: str = key("", "topology label: peers in the same zone are preferred")
+    rack: str = key("", "topology label: peers in the same rack are preferred")
+    swarm_min_size: str = key("1MiB", "smaller blobs always come straight from upstream")
+    peer_stall_timeout: float = key(10.0, "seconds without progress from peers before a segment's "
+                                    "missing pieces are fetched from upstream")
     registries: list[Registry] = key(None, "upstream registries ([[registries]] tables: name, url, "
                                      "username, password, docker_config)", factory=list)
 
@@ -112,6 +126,19 @@ class Config:
         if name in DOCKER_HUB_NAMES:
             return Registry(name=name, url="https://registry-1.docker.io")
         return Registry(name=name, url=f"https://{name}")
+
+    @property
+    def tracker_url(self) -> str | None:
+        if self.tracker == "none":
+            return None
+        if self.tracker == "embedded":
+            host, port = _split_hostport(self.tracker_listen, "tracker_listen")
+            host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+            return f"http://{host}:{port}"
+        return self.tracker.rstrip("/")
+
+    def labels(self) -> dict[str, str]:
+        return {k: v for k, v in (("zone", self.zone), ("rack", self.rack)) if v}
 
     def store_limit_bytes(self) -> int:
         return parse_size(self.store_max_size, "store_max_size", base_path=self.data_dir)
@@ -147,6 +174,15 @@ class Config:
             raise ConfigError("piece_size: must not exceed segment_size")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError(f"log_level: unknown level {self.log_level!r}")
+        if self.tracker not in ("embedded", "none") and \
+                not re.match(r"^https?://[^/\s]+(/.*)?$", self.tracker):
+            raise ConfigError(f'tracker: expected "embedded", "none" or http(s)://host:port, got '
+                              f"{self.tracker!r}")
+        _split_hostport(self.tracker_listen, "tracker_listen")
+        _split_hostport(self.peer_listen, "peer_listen")
+        parse_size(self.swarm_min_size, "swarm_min_size")
+        if self.peer_stall_timeout <= 0:
+            raise ConfigError("peer_stall_timeout: must be > 0")
         if self.event_loop not in ("asyncio", "uvloop"):
             raise ConfigError(f"event_loop: expected asyncio or uvloop, got {self.event_loop!r}")
         seen = set()

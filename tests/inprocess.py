@@ -108,7 +108,7 @@ async def running(app: web.Application) -> AsyncIterator[TestServer]:
 @asynccontextmanager
 async def agent_for(upstream: TestServer, data_dir: Path, **overrides) -> AsyncIterator[tuple[Agent, TestServer]]:
     name = f"127.0.0.1:{upstream.port}"
-    settings = {"data_dir": str(data_dir), "upstream_stall_timeout": 1.0,
+    settings = {"data_dir": str(data_dir), "upstream_stall_timeout": 1.0, "tracker": "none",
                 "upstream_backoff": 0.01,
                 "registries": [{"name": name, "url": f"http://{name}"}], **overrides}
     agent = Agent(config_mod.from_dict(settings).validate())

@@ -43,7 +43,7 @@ async def wait_ready(url: str, proc: subprocess.Popen) -> None:
 def start_agent(port: int, upstream_port: int, data_dir) -> subprocess.Popen:
     name = f"127.0.0.1:{upstream_port}"
     return subprocess.Popen([sys.executable, "-m", "fleetp2p", "agent", "--listen", f"127.0.0.1:{port}",
-                             "--data-dir", str(data_dir), "--registry", f"{name}=http://{name}"],
+                             "--data-dir", str(data_dir), "--tracker", "none", "--registry", f"{name}=http://{name}"],
                             stderr=subprocess.PIPE)
 
 

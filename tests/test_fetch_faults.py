@@ -77,6 +77,7 @@ async def test_upstream_down_is_a_404_with_oci_error(tmp_path, upstream):
     from fleetp2p import config as config_mod
     from fleetp2p.agent import Agent
     cfg = config_mod.from_dict({"data_dir": str(tmp_path), "upstream_retries": 2, "upstream_backoff": 0.01,
+                                "tracker": "none",
                                 "registries": [{"name": f"127.0.0.1:{port}",
                                                 "url": f"http://127.0.0.1:{port}"}]}).validate()
     async with running(Agent(cfg).build_app()) as front:

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
     config.add_flags(agent)
     agent.set_defaults(func=_agent)
+    from fleetp2p.cli import doctor, seed, status
+
+    seed.add_parsers(sub)
+    status.add_parser(sub)
+    doctor.add_parser(sub)
     return parser
 
 

@@ -16,14 +16,20 @@ from collections.abc import Callable
 from typing import Protocol
 
 from fleetp2p.errors import VerificationError
+from fleetp2p.fetch.cooperative import CooperativeFetch, Fleet
 from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.receive import receive
+from fleetp2p.peering.timed import timed
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.store import BlobStore, Geometry, SegmentReader, SegmentWriter, StoredBlob
 from fleetp2p.upstream import UpstreamClient
+from tracker.errors import TrackerError, TrackerUnavailable
+from tracker.models import BlobRecord
 
 log = logging.getLogger(__name__)
+
+HASH_CHUNK = 8 * 1024 * 1024
 
 
 class BlobSource(Protocol):
@@ -70,9 +76,12 @@ class DownloadSource:
 
 class BlobFetcher:
     def __init__(self, store: BlobStore, upstream: UpstreamClient, metrics: Metrics,
-                 geometry: Callable[[int], Geometry] = Geometry.for_size) -> None:
+                 geometry: Callable[[int], Geometry] = Geometry.for_size,
+                 fleet: Fleet | None = None, swarm_min_size: int = 1024 * 1024) -> None:
         self.store = store
         self.geometry = geometry
+        self.fleet = fleet
+        self.swarm_min_size = swarm_min_size
         self.upstream = upstream
         self.metrics = metrics
         self._inflight: dict[Digest, Download] = {}
@@ -121,44 +130,41 @@ class BlobFetcher:
             raise VerificationError(f"{digest} vanished from the store right after its fetch")
         return entry
 
-    def _start(self, registry: str, repository: str, digest: Digest) -> Download:
+    def _start(self, registry: str, repository: str, digest: Digest,
+               use_fleet: bool = True) -> Download:
         download = Download(digest, self.store.path_for(digest))
         self._inflight[digest] = download
         self.metrics.inflight.inc()
-        download.task = asyncio.create_task(self._run(download, registry, repository),
+        download.task = asyncio.create_task(self._run(download, registry, repository, use_fleet),
                                             name=f"fetch {digest}")
         return download
 
-    async def _run(self, download: Download, registry: str, repository: str) -> None:
-        writer: SegmentWriter | None = None
+    async def _run(self, download: Download, registry: str, repository: str,
+                   use_fleet: bool) -> None:
+        """Local store → peers (segments under the tracker's coordination) → upstream."""
+        refetch = False
         try:
-            stream = await self.upstream.open_blob(registry, repository, download.digest)
+            record = await self._swarm_record(download.digest, registry, repository) \
+                if use_fleet else None
+            if record is not None:
+                writer = await self._from_fleet(download, registry, repository, record)
+                refetch = writer is None
+                if writer is None:
+                    raise VerificationError(f"the fleet's copy of {download.digest} failed "
+                                            "verification; refetching from upstream")
+            else:
+                writer = await self._from_upstream(download, registry, repository)
             try:
-                if self.store.needs_gc(stream.size):
-                    await asyncio.to_thread(self.store.gc, stream.size, frozenset(self._inflight))
-                writer = self.store.new_partial(download.digest, self.geometry(stream.size))
-                download.set_geometry(writer.geometry)
-                hasher = hashlib.new(download.digest.algorithm)
-
-                def write(data: bytearray, offset: int) -> None:
-                    writer.pwrite(data, offset)
-                    hasher.update(data)
-
-                await receive(stream.chunks(), write, 0, download.advance)
-            finally:
-                await stream.close()
-            if hasher.hexdigest() != download.digest.hex:
-                self.metrics.verification_failures.labels("blob").inc()
-                raise VerificationError(f"upstream bytes for {download.digest} hash to "
-                                        f"{download.digest.algorithm}:{hasher.hexdigest()}")
-            await asyncio.to_thread(self.store.commit, writer, download.digest)
-            writer = None
+                await asyncio.to_thread(self.store.commit, writer, download.digest)
+            except BaseException:
+                await asyncio.to_thread(writer.discard)
+                raise
             download.finish()
-            log.info("fetched %s (%d bytes) from %s/%s", download.digest, download.size, registry,
+            if record is not None and self.fleet is not None:
+                self.fleet.announcer.hold_all(str(download.digest))
+            log.info("fetched %s (%d bytes) for %s/%s", download.digest, download.size, registry,
                      repository)
         except BaseException as e:
-            if writer is not None:
-                await asyncio.to_thread(writer.discard)
             download.fail(e)
             if isinstance(e, asyncio.CancelledError):
                 raise
@@ -166,3 +172,114 @@ class BlobFetcher:
         finally:
             self._inflight.pop(download.digest, None)
             self.metrics.inflight.dec()
+            if refetch:
+                self._start(registry, repository, download.digest, use_fleet=False)
+
+    async def _from_upstream(self, download: Download, registry: str,
+                             repository: str) -> SegmentWriter:
+        """The whole blob in one stream, hashed as it arrives."""
+        stream = await self.upstream.open_blob(registry, repository, download.digest)
+        writer: SegmentWriter | None = None
+        try:
+            await self._make_room(stream.size)
+            writer = self.store.new_partial(download.digest, self.geometry(stream.size))
+            download.set_geometry(writer.geometry)
+            hasher = hashlib.new(download.digest.algorithm)
+
+            def write(data: bytearray, offset: int) -> None:
+                writer.pwrite(data, offset)
+                hasher.update(data)
+
+            await receive(stream.chunks(), write, 0, download.advance)
+            self._check_digest(download, hasher.hexdigest())
+            return writer
+        except BaseException:
+            if writer is not None:
+                await asyncio.to_thread(writer.discard)
+            raise
+        finally:
+            await stream.close()
+
+    async def _from_fleet(self, download: Download, registry: str, repository: str,
+                          record: BlobRecord) -> SegmentWriter | None:
+        """Segments from peers and leased upstream ranges; None means "the
+        fleet's copy was bad: fetch it from upstream yourself"."""
+        assert self.fleet is not None
+        await self._make_room(record.size)
+        fetch = CooperativeFetch(self.fleet, download, registry, repository, record)
+        verifier = asyncio.create_task(self._hash_in_order(download))
+        try:
+            writer = await fetch.run()
+            actual = await verifier
+        except BaseException:
+            verifier.cancel()
+            if fetch.writer is not None:
+                await asyncio.to_thread(fetch.writer.discard)
+            raise
+        try:
+            self._check_digest(download, actual)
+            return writer
+        except VerificationError as e:
+            log.error("%s; withdrawing its segment metainfo", e)
+            await self._withdraw(download.digest, fetch)
+            self.fleet.swarm.remove_blob(str(download.digest))
+            self.fleet.announcer.drop(str(download.digest))
+            await asyncio.to_thread(writer.discard)
+            return None
+
+    async def _hash_in_order(self, download: Download) -> str:
+        """Whole-blob digest, computed as the in-order prefix grows, in a thread."""
+        hasher = hashlib.new(download.digest.algorithm)
+        await download.ready()
+        reader = download.reader()
+        position = 0
+        try:
+            while position < download.size:
+                written = await download.wait_written(position)
+                end = min(written, position + HASH_CHUNK)
+                data_from, count = position, end - position
+                await asyncio.to_thread(lambda: hasher.update(reader.read(data_from, count)))
+                position = end
+        finally:
+            reader.close()
+        return hasher.hexdigest()
+
+    async def _withdraw(self, digest: Digest, fetch: CooperativeFetch) -> None:
+        assert self.fleet is not None
+        for index, meta in fetch.record.segments.items():
+            try:
+                await self.fleet.tracker.withdraw(str(digest), index, info_hash=meta.info_hash)
+            except (TrackerUnavailable, TrackerError):
+                pass
+
+    async def _swarm_record(self, digest: Digest, registry: str,
+                            repository: str) -> BlobRecord | None:
+        """The tracker's record of a blob worth swarming, or None to go upstream."""
+        fleet = self.fleet
+        if fleet is None or not fleet.announcer.reachable:
+            return None
+        try:
+            record = await timed(self.metrics, "get_blob",
+                                 lambda: fleet.tracker.get_blob(str(digest)))
+            if record is None:
+                size = await self.upstream.blob_size(registry, repository, digest)
+                if size < self.swarm_min_size:
+                    return None
+                geometry = self.geometry(size)
+                record = await timed(self.metrics, "register", lambda: fleet.tracker.register(
+                    str(digest), size, segment_size=geometry.segment_size,
+                    piece_size=geometry.piece_size))
+        except (TrackerUnavailable, TrackerError) as e:
+            log.warning("tracker unusable for %s (%s): fetching from upstream", digest, e)
+            return None
+        return record if record.size >= self.swarm_min_size else None
+
+    async def _make_room(self, size: int) -> None:
+        if self.store.needs_gc(size):
+            await asyncio.to_thread(self.store.gc, size, frozenset(self._inflight))
+
+    def _check_digest(self, download: Download, actual_hex: str) -> None:
+        if actual_hex != download.digest.hex:
+            self.metrics.verification_failures.labels("blob").inc()
+            raise VerificationError(f"bytes for {download.digest} hash to "
+                                    f"{download.digest.algorithm}:{actual_hex}")

@@ -61,6 +61,15 @@ class Download:
             self.written = min(self._next_piece * self.geometry.piece_size, self.size)
             self._wake()
 
+    async def wait_written(self, position: int) -> int:
+        """Bytes [0, n) are on disk (not yet verified), n > position."""
+        while True:
+            if self.error is not None:
+                raise DownloadFailed(str(self.error)) from self.error
+            if self.written > position:
+                return self.written
+            await self._changed()
+
     def has_piece(self, piece: int) -> bool:
         return bool(self._pieces[piece])
 

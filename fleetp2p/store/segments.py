@@ -50,8 +50,17 @@ class SegmentWriter:
         self._fd(0)
 
     def fsync(self) -> None:
-        for fd in self._fds.values():
-            os.fsync(fd)
+        """Every segment, including those libtorrent wrote through its own handles."""
+        for index in range(self.geometry.segments):
+            fd = self._fds.get(index)
+            if fd is not None:
+                os.fsync(fd)
+                continue
+            fd = os.open(segment_path(self.directory, index), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         for fd in self._fds.values():

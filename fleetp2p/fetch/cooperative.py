@@ -1,0 +1,375 @@
+"""One blob fetched by the fleet together: segments from peers where their
+metainfo is published, from upstream under a tracker lease where it is not.
+
+Read top to bottom, a node wanting a cold blob:
+1. starts a torrent for every segment whose metainfo is published, and asks
+   the tracker which peers hold it;
+2. claims a lease on an unpublished segment and fetches it from upstream with
+   a Range request, hashing pieces as they stream, then seeds it and
+   publishes its metainfo, so the rest of the fleet can swarm it at once;
+3. waits (tracker long-poll) for segments leased to others; a lease whose
+   holder dies expires and is granted to the next claimer;
+4. drops a stalled swarm to upstream for the pieces it misses;
+5. if the tracker goes away, fetches what remains from upstream itself.
+
+Pieces are marked readable as they land, so clients stream the blob in order
+while it arrives; the whole-blob digest is checked by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetp2p.errors import UpstreamError
+from fleetp2p.fetch.download import Download
+from fleetp2p.fetch.receive import receive
+from fleetp2p.metrics import Metrics
+from fleetp2p.peering.announcer import Announcer
+from fleetp2p.peering.timed import timed
+from fleetp2p.store import BlobStore, Geometry, SegmentWriter
+from fleetp2p.swarm import (HashFailed, PieceFinished, PieceHasher, SegmentFinished, Swarm,
+                            SwarmEvent, make_metainfo)
+from fleetp2p.swarm.metainfo import check_metainfo
+from fleetp2p.upstream import UpstreamClient
+from tracker.client import TrackerClient
+from tracker.errors import TrackerError, TrackerUnavailable
+from tracker.models import BlobRecord
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT = 10.0
+PEER_LIMIT = 30
+TICK = 0.5
+
+
+@dataclass
+class Fleet:
+    """What a cooperative fetch needs from the agent."""
+
+    tracker: TrackerClient
+    swarm: Swarm
+    upstream: UpstreamClient
+    store: BlobStore
+    metrics: Metrics
+    announcer: Announcer
+    node_id: str
+    labels: dict[str, str]
+    peer_stall_timeout: float = 10.0
+    parallel_leases: int = 1
+
+
+class CooperativeFetch:
+    def __init__(self, fleet: Fleet, download: Download, registry: str, repository: str,
+                 record: BlobRecord) -> None:
+        self.fleet = fleet
+        self.download = download
+        self.registry = registry
+        self.repository = repository
+        self.record = record
+        self.digest = str(download.digest)
+        self.geometry = Geometry(record.size, record.segment_size, record.piece_size)
+        self.done: set[int] = set()
+        self.swarming: dict[int, float] = {}  # segment → time of its last progress
+        self.patching: dict[int, asyncio.Task] = {}
+        self.fetching: dict[int, asyncio.Task] = {}
+        self.tracker_down = False
+        self._wake = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._waited = False
+        self.writer: SegmentWriter | None = None
+
+    @property
+    def directory(self) -> Path:
+        return self.fleet.store.path_for(self.download.digest)
+
+    async def run(self) -> SegmentWriter:
+        """All segments on disk (each piece hash-checked or self-fetched); the
+        caller verifies the whole blob and commits the returned writer."""
+        self.writer = self.fleet.store.new_partial(self.download.digest, self.geometry)
+        self.download.set_geometry(self.geometry)
+        unsubscribe = self.fleet.swarm.subscribe(self.digest, self._on_event)
+        poller = asyncio.create_task(self._poll(), name=f"poll {self.digest[:19]}")
+        try:
+            while len(self.done) < self.geometry.segments:
+                if self._failure is not None:
+                    raise self._failure
+                self._swarm_published()
+                if self.tracker_down:
+                    self._fetch_remaining_upstream()
+                else:
+                    await self._claim()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), TICK)
+                except asyncio.TimeoutError:
+                    pass
+                await self._watch_stalls()
+            return self.writer
+        except BaseException:
+            self._stop_segments()
+            raise
+        finally:
+            poller.cancel()
+            unsubscribe()
+            for task in [*self.fetching.values(), *self.patching.values()]:
+                task.cancel()
+            await self._release_leases()
+
+    # 1. segments with metainfo come from peers ------------------------------
+
+    def _swarm_published(self) -> None:
+        for index, meta in self.record.segments.items():
+            if index in self.done or index in self.swarming or index in self.fetching:
+                continue
+            try:
+                check_metainfo(meta.metainfo, index, self.geometry.segment_length(index),
+                               self.geometry.piece_size)
+            except ValueError as e:
+                log.warning("ignoring bad metainfo for %s segment %d: %s", self.digest, index, e)
+                continue
+            key = (self.digest, index)
+            self.fleet.swarm.add_segment(key, meta.metainfo, self.directory, seed=False)
+            self._save_metainfo(index, meta.metainfo)
+            self.swarming[index] = time.monotonic()
+            self._prioritize(index)
+            asyncio.create_task(self._connect_peers(index))
+
+    def _prioritize(self, index: int) -> None:
+        """Readers consume the blob in order: ask for the first pieces first."""
+        pieces = min(8, self.geometry.pieces_in(index))
+        deadline = 0 if index == self.download.written // self.geometry.segment_size else 2000
+        self.fleet.swarm.prioritize((self.digest, index), list(range(pieces)), deadline)
+
+    async def _connect_peers(self, index: int) -> None:
+        fleet = self.fleet
+        try:
+            peers = await timed(fleet.metrics, "peers", lambda: fleet.tracker.peers(
+                self.digest, node=fleet.node_id, segment=index, limit=PEER_LIMIT,
+                zone=fleet.labels.get("zone"), rack=fleet.labels.get("rack")))
+        except (TrackerUnavailable, TrackerError) as e:
+            log.debug("peer list for %s/%d: %s", self.digest, index, e)
+            return
+        fleet.swarm.connect((self.digest, index), [(p.host, p.port) for p in peers])
+
+    def _on_event(self, event: SwarmEvent) -> None:
+        index = event.key[1]
+        if index not in self.swarming:
+            return
+        if isinstance(event, PieceFinished):
+            self.swarming[index] = time.monotonic()
+            first = index * self.geometry.segment_size // self.geometry.piece_size
+            self.download.mark_pieces(first + event.piece, first + event.piece + 1)
+        elif isinstance(event, SegmentFinished):
+            self._segment_done(index, "peer")
+        elif isinstance(event, HashFailed):
+            log.info("piece %d of %s segment %d failed its hash; refetching it", event.piece,
+                     self.digest, index)
+
+    # 2. unpublished segments come from upstream, one lease at a time ---------
+
+    async def _claim(self) -> None:
+        fleet = self.fleet
+        wanted = [i for i in self.record.missing()
+                  if i not in self.done and i not in self.fetching]
+        room = fleet.parallel_leases - len(self.fetching)
+        if not wanted or room <= 0:
+            return
+        try:
+            grant = await timed(fleet.metrics, "claim", lambda: fleet.tracker.claim(
+                self.digest, fleet.node_id, count=room))
+        except TrackerUnavailable as e:
+            log.warning("tracker unreachable while fetching %s (%s); continuing from upstream",
+                        self.digest, e)
+            self.tracker_down = True
+            return
+        except TrackerError as e:
+            log.warning("lease claim for %s refused: %s", self.digest, e)
+            return
+        for index in grant.granted:
+            if index not in self.fetching and index not in self.done:
+                self._start_upstream(index, leased=True, ttl=grant.ttl)
+        if not grant.granted and grant.holders and not self._waited:
+            fleet.metrics.lease_waits.inc()
+            self._waited = True
+
+    def _fetch_remaining_upstream(self) -> None:
+        for index in range(self.geometry.segments):
+            if index in self.done or index in self.fetching:
+                continue
+            if index in self.swarming and self.fleet.swarm.peer_count((self.digest, index)):
+                continue
+            if len(self.fetching) >= max(2, self.fleet.parallel_leases):
+                return
+            self.fleet.swarm.remove_segment((self.digest, index))
+            self.swarming.pop(index, None)
+            self._start_upstream(index, leased=False, ttl=0)
+
+    def _start_upstream(self, index: int, *, leased: bool, ttl: float) -> None:
+        task = asyncio.create_task(self._fetch_segment(index, leased, ttl),
+                                   name=f"segment {index} of {self.digest[:19]}")
+        self.fetching[index] = task
+
+        def finished(t: asyncio.Task) -> None:
+            self.fetching.pop(index, None)
+            if not t.cancelled() and t.exception() is not None and self._failure is None:
+                self._failure = t.exception()
+            self._wake.set()
+        task.add_done_callback(finished)
+
+    async def _fetch_segment(self, index: int, leased: bool, ttl: float) -> None:
+        fleet = self.fleet
+        start, end = self.geometry.segment_span(index)
+        renewer = asyncio.create_task(self._renew(index, ttl)) if leased else None
+        try:
+            stream = await fleet.upstream.open_blob(self.registry, self.repository,
+                                                    self.download.digest, start, end)
+            hasher = PieceHasher(self.geometry.piece_size)
+            assert self.writer is not None
+            writer = self.writer
+
+            def write(data: bytearray, offset: int) -> None:
+                writer.pwrite(data, offset)
+                hasher.update(data)
+
+            piece = self.geometry.piece_size
+
+            def progress(written_to: int) -> None:
+                complete_to = written_to if written_to == end else written_to - written_to % piece
+                if complete_to > start:
+                    self.download.mark_pieces(start // piece, -(-complete_to // piece))
+
+            try:
+                await receive(stream.chunks(), write, start, progress)
+            finally:
+                await stream.close()
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+        metainfo = make_metainfo(index, end - start, self.geometry.piece_size, hasher.finish())
+        await asyncio.to_thread(self._save_metainfo, index, metainfo)
+        fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=True)
+        self._segment_done(index, "upstream")
+        if not self.tracker_down:
+            try:
+                self.record = await timed(fleet.metrics, "publish", lambda: fleet.tracker.publish(
+                    self.digest, index, fleet.node_id, metainfo))
+            except (TrackerUnavailable, TrackerError) as e:
+                log.warning("publishing %s segment %d failed: %s", self.digest, index, e)
+
+    async def _renew(self, index: int, ttl: float) -> None:
+        fleet = self.fleet
+        while True:
+            await asyncio.sleep(max(ttl / 3, 0.5))
+            try:
+                renewal = await fleet.tracker.renew(self.digest, fleet.node_id, [index])
+            except (TrackerUnavailable, TrackerError):
+                continue  # keep fetching: the bytes are still good
+            if index in renewal.lost:
+                log.info("lease on %s segment %d lost; someone else fetches it", self.digest, index)
+                task = self.fetching.get(index)
+                if task is not None:
+                    task.cancel()
+                return
+
+    # 3. learn about segments published by others ----------------------------
+
+    async def _poll(self) -> None:
+        fleet = self.fleet
+        while True:
+            if self.tracker_down:
+                return
+            try:
+                record = await fleet.tracker.wait(self.digest, self.record.version, POLL_TIMEOUT)
+            except TrackerUnavailable:
+                self.tracker_down = True
+                self._wake.set()
+                return
+            except TrackerError:
+                await asyncio.sleep(1.0)
+                continue
+            if record.version != self.record.version:
+                self.record = record
+                self._wake.set()
+
+    # 4. stalled swarms fall back to upstream ---------------------------------
+
+    async def _watch_stalls(self) -> None:
+        now = time.monotonic()
+        timeout = self.fleet.peer_stall_timeout
+        for index, last in list(self.swarming.items()):
+            if index in self.done or index in self.patching:
+                continue
+            idle = now - last
+            if idle > timeout:
+                log.info("swarm for %s segment %d stalled for %.1fs; patching from upstream",
+                         self.digest, index, idle)
+                task = asyncio.create_task(self._patch_from_upstream(index))
+                self.patching[index] = task
+                task.add_done_callback(lambda t, i=index: self.patching.pop(i, None))
+            elif idle > timeout / 3 and self.fleet.swarm.peer_count((self.digest, index)) == 0:
+                asyncio.create_task(self._connect_peers(index))
+
+    async def _patch_from_upstream(self, index: int) -> None:
+        """Fetch the pieces the swarm did not deliver; libtorrent checks each
+        against the published hash before it counts."""
+        start, end = self.geometry.segment_span(index)
+        piece = self.geometry.piece_size
+        first_piece = start // piece
+        try:
+            stream = await self.fleet.upstream.open_blob(self.registry, self.repository,
+                                                         self.download.digest, start, end)
+        except UpstreamError as e:
+            log.warning("upstream patch of %s segment %d failed: %s", self.digest, index, e)
+            return
+        buffer = bytearray()
+        position = start
+        try:
+            async for chunk in stream.chunks():
+                buffer += chunk
+                while len(buffer) >= piece or (buffer and position + len(buffer) == end):
+                    n = min(piece, len(buffer))
+                    global_piece = position // piece
+                    if not self.download.has_piece(global_piece):
+                        self.fleet.swarm.add_piece((self.digest, index), global_piece - first_piece,
+                                                   bytes(buffer[:n]))
+                    del buffer[:n]
+                    position += n
+        finally:
+            await stream.close()
+        self.swarming[index] = time.monotonic()
+
+    # Bookkeeping ----------------------------------------------------------
+
+    def _segment_done(self, index: int, source: str) -> None:
+        if index in self.done:
+            return
+        self.done.add(index)
+        start, end = self.geometry.segment_span(index)
+        piece = self.geometry.piece_size
+        self.download.mark_pieces(start // piece, -(-end // piece))
+        self.download.segment_sources[index] = source
+        self.fleet.metrics.segments.labels(source).inc()
+        self.fleet.metrics.fetched_bytes.labels(source).inc(end - start)
+        self.fleet.announcer.hold_segment(self.digest, index)
+        self._wake.set()
+
+    def _save_metainfo(self, index: int, metainfo: bytes) -> None:
+        """Kept beside the segment so a restarted agent can seed without the tracker."""
+        path = self.directory / f"{index}.torrent"
+        path.write_bytes(metainfo)
+
+    def _stop_segments(self) -> None:
+        self.fleet.swarm.remove_blob(self.digest)
+        self.fleet.announcer.drop(self.digest)
+
+    async def _release_leases(self) -> None:
+        if self.tracker_down:
+            return
+        try:
+            await self.fleet.tracker.release(self.digest, self.fleet.node_id)
+        except (TrackerUnavailable, TrackerError):
+            pass
