@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fleetp2p import __version__
+from fleetp2p.admin import add_admin_routes
 from fleetp2p.config import Config, parse_size
 from fleetp2p.fetch import BlobFetcher, ManifestService
 from fleetp2p.fetch.cooperative import Fleet
@@ -59,6 +60,7 @@ class Agent:
         self.front.add_routes(app)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get(f"{ADMIN_PREFIX}/health", self.handle_health)
+        add_admin_routes(app, self)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -94,6 +96,12 @@ class Agent:
         loop = asyncio.get_running_loop()
         self.store.on_remove.append(lambda digest: loop.call_soon_threadsafe(self._forget, str(digest)))
         await self.announcer.announce_once()
+        if config.tracker == "embedded":  # it may still be binding its port
+            for _ in range(40):
+                if self.announcer.reachable:
+                    break
+                await asyncio.sleep(0.05)
+                await self.announcer.announce_once()
         self._tasks.append(asyncio.create_task(self.announcer.run(), name="announcer"))
         log.info("node %s: peers on %s:%d, tracker %s (%s)", node_id, self.node.host, self.node.port,
                  config.tracker_url, "reachable" if self.announcer.reachable else "unreachable")

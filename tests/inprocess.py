@@ -69,11 +69,13 @@ class FakeUpstream:
         status = 200
         headers = {"Content-Type": "application/octet-stream"}
         range_header = request.headers.get("Range")
+        end = len(data)
         if range_header and fault != "ignore_range":
-            start = int(range_header.split("=")[1].split("-")[0])
+            first, _, last = range_header.split("=")[1].partition("-")
+            start, end = int(first), (int(last) + 1 if last else len(data))
             status = 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        body = data[start:]
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        body = data[start:end]
         if fault == "corrupt":
             body = bytes([body[0] ^ 0xFF]) + body[1:]
         response = web.StreamResponse(status=status, headers=headers)

@@ -13,8 +13,7 @@ import os
 from tracker.run import run
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fleetp2p tracker", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", default="127.0.0.1:7070", help="HOST:PORT to serve the API on")
     parser.add_argument("--redis", default=None, metavar="URL",
                         help="redis://host:port/db to share state between tracker replicas")
@@ -25,14 +24,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lease-ttl", type=float, default=15.0, help="segment fetch lease seconds")
     parser.add_argument("--announce-ttl", type=float, default=30.0, help="node liveness seconds")
     parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
     token = args.token
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
             token = f.read().strip()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
-    run(args.listen, args.redis, token, lease_ttl=args.lease_ttl, announce_ttl=args.announce_ttl,
-        redis_prefix=args.redis_prefix)
+    try:
+        run(args.listen, args.redis, token, lease_ttl=args.lease_ttl,
+            announce_ttl=args.announce_ttl, redis_prefix=args.redis_prefix)
+    except ValueError as e:  # a bad --listen
+        raise SystemExit(f"fleetp2p tracker: {e}") from None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fleetp2p tracker", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """One `seed` or `pull` on the agent: pin, fetch every blob, report progress.
 
 The job talks to the fetch path only through `BlobFetcher.open()` and the
-`BlobSource` protocol (`size`, `label`, `wait_readable`), so whatever the
+`BlobSource` protocol (`size`, `wait_readable`, `label_at`), so whatever the
 fetcher does — local store, peers, upstream, a download another client
 started — the job reports where the bytes came from as the fetcher says,
 never by guessing.
@@ -115,11 +115,11 @@ class PullJob:
             self._active.pop(digest, None)
         if self.store.get(blob.digest) is None:
             raise VerificationError(f"{digest} is not in the store after its fetch completed")
-        by_source = _bytes_by_source(source, blob.size)
+        by_source = bytes_by_source(source, blob.size)
         for name, count in by_source.items():
             self._by_source[name] = self._by_source.get(name, 0) + count
         emit({"event": "blob_done", "digest": digest, "size": blob.size,
-              "source": _source_label(source), "by_source": by_source})
+              "source": max(by_source, key=by_source.__getitem__), "by_source": by_source})
 
     async def _wait_complete(self, source: BlobSource, digest: str) -> None:
         """`wait_readable` releases the last byte only once the blob is verified,
@@ -155,23 +155,31 @@ class PullJob:
 
 
 def _source_label(source: BlobSource) -> str:
-    """Where the fetcher says the bytes come from. A download's source may
-    change while it runs (peers → upstream fallback), so prefer the live value."""
-    download = getattr(source, "download", None)
-    live = getattr(download, "source", None)
-    return live if isinstance(live, str) else source.label
+    """Where the fetcher says the first byte comes from (the whole blob for a
+    plain upstream fetch; segments may differ once peers take part)."""
+    return source_label_at(source, 0)
 
 
-def _bytes_by_source(source: BlobSource, size: int) -> dict[str, int]:
-    """Per-source byte counts if the fetcher keeps them (a blob assembled from
-    peers and upstream), else the whole blob attributed to its source."""
-    for holder in (source, getattr(source, "download", None)):
-        counts = getattr(holder, "bytes_by_source", None)
-        if callable(counts):
-            counts = counts()
-        if isinstance(counts, dict) and counts and sum(counts.values()) > 0:
-            return {str(k): int(v) for k, v in counts.items()}
-    return {_source_label(source): size}
+def source_label_at(source: object, offset: int) -> str:
+    label_at = getattr(source, "label_at", None)
+    if callable(label_at):
+        return str(label_at(offset))
+    return str(getattr(source, "label", None) or getattr(source, "source", "upstream"))
+
+
+def bytes_by_source(source: object, size: int) -> dict[str, int]:
+    """Bytes per source, as the fetcher attributes them: per segment when the
+    blob has a segment geometry (peers fill some segments, upstream others),
+    else the whole blob to the source of its first byte. `source` is a
+    `BlobSource` or an in-flight `Download` (both answer `label_at`)."""
+    geometry = getattr(source, "geometry", None) or \
+        getattr(getattr(source, "download", None), "geometry", None)
+    step = getattr(geometry, "segment_size", 0) or size or 1
+    counts: dict[str, int] = {}
+    for start in range(0, max(size, 1), step):
+        label = source_label_at(source, start)
+        counts[label] = counts.get(label, 0) + min(step, size - start)
+    return counts
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

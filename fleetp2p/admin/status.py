@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from fleetp2p import __version__
+from fleetp2p.admin.pull import bytes_by_source
 
 if TYPE_CHECKING:
     from fleetp2p.agent import Agent
@@ -75,10 +76,12 @@ def _pins(agent: "Agent") -> list[dict[str, Any]]:
 def _inflight(agent: "Agent") -> list[dict[str, Any]]:
     result = []
     for download in agent.blobs.inflight():
-        result.append({"digest": str(getattr(download, "digest", "")),
-                       "size": getattr(download, "size", -1),
+        size = getattr(download, "size", -1)
+        by_source = bytes_by_source(download, size) if size >= 0 else {}
+        result.append({"digest": str(getattr(download, "digest", "")), "size": size,
                        "done": getattr(download, "written", 0),
-                       "source": getattr(download, "source", None)})
+                       "source": max(by_source, key=by_source.__getitem__) if by_source else None,
+                       "by_source": by_source})
     return result
 
 

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--config", "-c", metavar="FILE", help="TOML config file")
     config.add_flags(agent)
     agent.set_defaults(func=_agent)
+    import tracker.__main__ as tracker_cli
+
+    tracker = sub.add_parser("tracker", help="run a standalone tracker (memory or Redis backend)",
+                             description="Run a tracker; several on one Redis act as one.")
+    tracker_cli.add_arguments(tracker)
+    tracker.set_defaults(func=tracker_cli.run_from_args)
     from fleetp2p.cli import doctor, seed, status
 
     seed.add_parsers(sub)

@@ -81,6 +81,7 @@ class CooperativeFetch:
         self._failure: BaseException | None = None
         self._waited = False
         self.writer: SegmentWriter | None = None
+        self._background: set[asyncio.Task] = set()
 
     @property
     def directory(self) -> Path:
@@ -133,10 +134,11 @@ class CooperativeFetch:
                 continue
             key = (self.digest, index)
             self.fleet.swarm.add_segment(key, meta.metainfo, self.directory, seed=False)
-            self._save_metainfo(index, meta.metainfo)
+            self._keep_metainfo(index, meta.metainfo)
             self.swarming[index] = time.monotonic()
+            self.download.segment_sources[index] = "peer"
             self._prioritize(index)
-            asyncio.create_task(self._connect_peers(index))
+            self._spawn(self._connect_peers(index))
 
     def _prioritize(self, index: int) -> None:
         """Readers consume the blob in order: ask for the first pieces first."""
@@ -223,6 +225,7 @@ class CooperativeFetch:
     async def _fetch_segment(self, index: int, leased: bool, ttl: float) -> None:
         fleet = self.fleet
         start, end = self.geometry.segment_span(index)
+        self.download.segment_sources[index] = "upstream"
         renewer = asyncio.create_task(self._renew(index, ttl)) if leased else None
         try:
             stream = await fleet.upstream.open_blob(self.registry, self.repository,
@@ -311,7 +314,7 @@ class CooperativeFetch:
                 self.patching[index] = task
                 task.add_done_callback(lambda t, i=index: self.patching.pop(i, None))
             elif idle > timeout / 3 and self.fleet.swarm.peer_count((self.digest, index)) == 0:
-                asyncio.create_task(self._connect_peers(index))
+                self._spawn(self._connect_peers(index))
 
     async def _patch_from_upstream(self, index: int) -> None:
         """Fetch the pieces the swarm did not deliver; libtorrent checks each
@@ -361,6 +364,15 @@ class CooperativeFetch:
         """Kept beside the segment so a restarted agent can seed without the tracker."""
         path = self.directory / f"{index}.torrent"
         path.write_bytes(metainfo)
+
+    def _keep_metainfo(self, index: int, metainfo: bytes) -> None:
+        self._spawn(asyncio.to_thread(self._save_metainfo, index, metainfo))
+
+    def _spawn(self, coro) -> None:
+        """Fire-and-forget work, kept referenced until done."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _stop_segments(self) -> None:
         self.fleet.swarm.remove_blob(self.digest)

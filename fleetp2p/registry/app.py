@@ -54,7 +54,7 @@ class RegistryFront:
                 response = await self.manifest(request, target)
             else:
                 response = await self.blob(request, target, started)
-            status = response.status
+            status = response.status if getattr(response, "completed", True) else 499
             return response
         except RegistryError as e:
             status = e.status
@@ -132,7 +132,8 @@ class RegistryFront:
             headers["Content-Type"] = f"multipart/byteranges; boundary={boundary}"
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = body_length(spans, trailer)
-        await send_spans(request, response, source, spans, trailer, self.metrics, started)
+        response.completed = await send_spans(request, response, source, spans, trailer,
+                                              self.metrics, started)
         return response
 
 

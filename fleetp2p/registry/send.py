@@ -49,9 +49,10 @@ def body_length(spans: list[Span], trailer: bytes) -> int:
 
 
 async def send_spans(request: web.Request, response: web.StreamResponse, source: BlobSource,
-                     spans: list[Span], trailer: bytes, metrics: Metrics, started: float) -> None:
-    """Stream the spans. If the source fails mid-way (a download that does not
-    verify), the connection is aborted so the client never sees a complete body."""
+                     spans: list[Span], trailer: bytes, metrics: Metrics, started: float) -> bool:
+    """Stream the spans; False if the body could not be completed. If the source
+    fails mid-way (a download that does not verify), the connection is aborted
+    so the client never sees a complete body."""
     await response.prepare(request)
     loop = asyncio.get_running_loop()
     reader = source.reader()
@@ -66,7 +67,7 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
                 count = min(span.end, available, position + SEND_CHUNK) - position
                 for index, within, n in reader.pieces(position, count):
                     f = await asyncio.to_thread(reader.file, index)
-                    label = source.label_at(position)
+                    label = source.label_at(index * reader.geometry.segment_size + within)
                     if first:
                         metrics.ttfb.labels(label).observe(time.monotonic() - started)
                         first = False
@@ -76,11 +77,15 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
         if trailer:
             await response.write(trailer)
         await response.write_eof()
+        return True
     except DownloadFailed as e:
         log.warning("aborting response for %s: %s", request.path, e)
         if request.transport is not None:
             request.transport.abort()
-        raise ConnectionAbortedError(str(e)) from None
+        return False
+    except ConnectionError as e:
+        log.debug("client went away during %s: %s", request.path, e)
+        return False
     finally:
         reader.close()
 

@@ -1,0 +1,92 @@
+"""Agents in one process sharing blobs through a real tracker and real
+libtorrent swarms on loopback (multi-host tests in namespaces are in
+test_fleet.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+
+import aiohttp
+
+from tests.inprocess import FakeUpstream, agent_for, running
+
+SIZE = 5 * 1024 * 1024 + 4321
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def swarm_settings(tracker: str, **extra) -> dict:
+    return {"tracker": tracker, "peer_listen": "127.0.0.1:0", "segment_size": "1MiB",
+            "piece_size": "64KiB", "swarm_min_size": "16KiB", "peer_stall_timeout": 3.0, **extra}
+
+
+async def pull(server, digest: str) -> bytes:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url(f"/v2/app/blobs/{digest}")) as resp:
+            assert resp.status == 200
+            return await resp.read()
+
+
+def value(agent, metric, *labels) -> float:
+    return metric.labels(*labels)._value.get() if labels else metric._value.get()
+
+
+@contextlib.asynccontextmanager
+async def fleet(up, tmp_path, n: int):
+    port = free_port()
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(agent_for(
+            up, tmp_path / "a0", **swarm_settings("embedded", tracker_listen=f"127.0.0.1:{port}")))
+        agents = [first]
+        for i in range(1, n):
+            agents.append(await stack.enter_async_context(agent_for(
+                up, tmp_path / f"a{i}", **swarm_settings(f"http://127.0.0.1:{port}"))))
+        yield agents
+
+
+async def test_second_node_gets_blob_from_first(tmp_path):
+    upstream = FakeUpstream()
+    data = os.urandom(SIZE)
+    digest = upstream.add_blob(data)
+    async with running(upstream.app()) as up, fleet(up, tmp_path, 2) as agents:
+        (a, front_a), (b, front_b) = agents
+        assert await pull(front_a, digest) == data
+        assert upstream.blob_bytes_sent == SIZE
+        assert value(a, a.metrics.segments, "upstream") == 6
+        assert await pull(front_b, digest) == data
+        assert upstream.blob_bytes_sent == SIZE  # nothing more from upstream
+        assert value(b, b.metrics.segments, "peer") == 6
+        assert value(b, b.metrics.served_bytes, "peer") == SIZE
+        entry = b.store.get(b.store.entries()[0].digest)
+        assert hashlib.sha256(entry.reader().read(0, SIZE)).hexdigest() == digest.split(":")[1]
+
+
+async def test_cold_herd_costs_one_upstream_copy(tmp_path):
+    upstream = FakeUpstream()
+    data = os.urandom(SIZE)
+    digest = upstream.add_blob(data)
+    async with running(upstream.app()) as up, fleet(up, tmp_path, 4) as agents:
+        bodies = await asyncio.gather(*(pull(front, digest) for _, front in agents))
+        assert all(body == data for body in bodies)
+        assert upstream.blob_bytes_sent <= 1.05 * SIZE
+        from_peers = sum(value(a, a.metrics.segments, "peer") for a, _ in agents)
+        assert from_peers >= 6  # segments each fetched once upstream, the rest from peers
+
+
+async def test_tracker_down_goes_straight_to_upstream(tmp_path):
+    upstream = FakeUpstream()
+    data = os.urandom(SIZE)
+    digest = upstream.add_blob(data)
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with running(upstream.app()) as up, \
+            agent_for(up, tmp_path / "x", **swarm_settings(dead)) as (agent, front):
+        assert await pull(front, digest) == data
+        assert value(agent, agent.metrics.served_bytes, "upstream") == SIZE
