@@ -11,7 +11,7 @@ import os
 import pytest
 
 from fleetp2p.metrics import Metrics
-from fleetp2p.swarm import PieceFinished, PieceHasher, SegmentFinished, Swarm, make_metainfo
+from fleetp2p.swarm import HashFailed, PieceFinished, PieceHasher, SegmentFinished, Swarm, make_metainfo
 
 PIECE = 64 * 1024
 
@@ -75,17 +75,19 @@ async def test_add_piece_injects_and_bad_piece_is_rejected(tmp_path, two_swarms)
     metainfo = segment_with_metainfo(tmp_path / "src", 0, data)
     (tmp_path / "dst").mkdir()
     key = ("sha256:y", 0)
-    events = []
     done = asyncio.Event()
+    failed = asyncio.Event()
 
     def on_event(event):
-        events.append(event)
         if isinstance(event, SegmentFinished):
             done.set()
+        elif isinstance(event, HashFailed):
+            failed.set()
 
     swarm.subscribe("sha256:y", on_event)
     swarm.add_segment(key, metainfo, tmp_path / "dst", seed=False)
     swarm.add_piece(key, 1, b"\0" * PIECE)  # wrong bytes: libtorrent drops them
+    await asyncio.wait_for(failed.wait(), 10)
     for piece in range(4):
         swarm.add_piece(key, piece, data[piece * PIECE:(piece + 1) * PIECE])
     await asyncio.wait_for(done.wait(), 10)
