@@ -97,6 +97,11 @@ class Agent:
     def __post_init__(self) -> None:
         self.port = self.port or free_port()
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # The defaults (tracker on :5051, peers on :6881) would collide between
+        # agents of one test and with anything else on the machine.
+        if self.settings.get("tracker", "embedded") == "embedded":
+            self.settings.setdefault("tracker_listen", f"{LOOPBACK}:{free_port()}")
+        self.settings.setdefault("peer_listen", f"{LOOPBACK}:{free_port()}")
 
     @property
     def host(self) -> str:
