@@ -18,7 +18,9 @@ from fleetp2p.config import Config, parse_size
 from fleetp2p.fetch import BlobFetcher, ManifestService
 from fleetp2p.fetch.cooperative import Fleet
 from fleetp2p.metrics import Metrics
-from fleetp2p.peering import seeding
+from fleetp2p.lazy.reads import LazyReads
+from fleetp2p.peering import peerhttp, seeding
+from fleetp2p.peering.peerhttp import PeerReader
 from fleetp2p.peering.announcer import Announcer
 from fleetp2p.peering.node import load_node_id
 from fleetp2p.registry.app import RegistryFront
@@ -47,7 +49,12 @@ class Agent:
         self.manifests = ManifestService(self.store, self.tags, self.upstream, self.metrics)
         self.blobs = BlobFetcher(self.store, self.upstream, self.metrics, config.geometry,
                                  swarm_min_size=parse_size(config.swarm_min_size, "swarm_min_size"))
-        self.front = RegistryFront(self.manifests, self.blobs, self.metrics, config.default_registry)
+        self.lazy = LazyReads(config.data_dir, self.manifests.lazy_layers, self.upstream, self.metrics,
+                              prefetch=config.lazy_prefetch)
+        self.front = RegistryFront(self.manifests, self.blobs, self.metrics, config.default_registry,
+                                   self.lazy)
+        self.peer_reader: PeerReader | None = None
+        self._peer_site: web.AppRunner | None = None
         self.swarm: Swarm | None = None
         self.tracker: TrackerClient | None = None
         self.announcer: Announcer | None = None
@@ -69,6 +76,7 @@ class Agent:
 
     async def _startup(self, app: web.Application) -> None:
         await asyncio.to_thread(self.store.open)
+        await asyncio.to_thread(self.lazy.open_dir)
         if self.config.tracker_url is not None:
             await self._start_peering()
 
@@ -85,9 +93,14 @@ class Agent:
         self.tracker = TrackerClient(config.tracker_url, config.tracker_token or None,
                                      timeout=TRACKER_TIMEOUT)
         node_id = await asyncio.to_thread(load_node_id, config.data_dir)
-        self.node = Node(node_id, advertise_host(config), self.swarm.port,
-                         http=f"http://{config.listen}", labels=config.labels())
+        host = advertise_host(config)
+        http_port = await self._start_peer_site()
+        self.node = Node(node_id, host, self.swarm.port, http=f"http://{host}:{http_port}",
+                         labels=config.labels())
         self.announcer = Announcer(self.tracker, self.node, self.metrics)
+        self.peer_reader = PeerReader(self.tracker, node_id, self.announcer, self.metrics,
+                                      config.tracker_token or None)
+        self.lazy.peers = self.peer_reader
         self.blobs.fleet = Fleet(self.tracker, self.swarm, self.upstream, self.store, self.metrics,
                                  self.announcer, node_id, config.labels(),
                                  peer_stall_timeout=config.peer_stall_timeout)
@@ -106,6 +119,23 @@ class Agent:
         log.info("node %s: peers on %s:%d, tracker %s (%s)", node_id, self.node.host, self.node.port,
                  config.tracker_url, "reachable" if self.announcer.reachable else "unreachable")
 
+    async def _start_peer_site(self) -> int:
+        """Other nodes reach only this small app, never the mirror or the admin API."""
+        lookup = peerhttp.store_lookup(self.store, self.lazy.blob)
+        runner = web.AppRunner(peerhttp.peer_app(lookup, self.metrics, self.config.tracker_token or None),
+                               access_log=None)
+        await runner.setup()
+        host, port = self.config.peer_http_hostport
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise SystemExit(f"fleetp2p: cannot listen on {host}:{port} (peer_http_listen): "
+                             f"{e.strerror}") from None
+        self._peer_site = runner
+        return runner.addresses[0][1]
+
     def _forget(self, digest: str) -> None:
         if self.swarm is not None:
             self.swarm.remove_blob(digest)
@@ -123,6 +153,11 @@ class Agent:
             if task.get_name() != "embedded tracker":
                 task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.lazy.close()
+        if self.peer_reader is not None:
+            await self.peer_reader.close()
+        if self._peer_site is not None:
+            await self._peer_site.cleanup()
         if self.swarm is not None:
             await self.swarm.close()
         if self.tracker is not None:

@@ -100,6 +100,10 @@ class Config:
                            "0.0.0.0:6881 (or the node's address)")
     advertise_addr: str = key("", "address other nodes dial for this node's peer port; default: "
                               "the peer_listen host, else the first non-loopback address")
+    peer_http_listen: str = key("", "HOST:PORT where other nodes read byte ranges for lazy pulls; "
+                                "default: the peer_listen host, port + 1")
+    lazy_prefetch: bool = key(True, "fetch a lazy layer's prioritized files (.prefetch.landmark) "
+                              "in the background after its first read")
     zone: str = key("", "topology label: peers in the same zone are preferred")
     rack: str = key("", "topology label: peers in the same rack are preferred")
     swarm_min_size: str = key("1MiB", "smaller blobs always come straight from upstream")
@@ -136,6 +140,13 @@ class Config:
             host = "127.0.0.1" if host in ("0.0.0.0", "") else host
             return f"http://{host}:{port}"
         return self.tracker.rstrip("/")
+
+    @property
+    def peer_http_hostport(self) -> tuple[str, int]:
+        if self.peer_http_listen:
+            return _split_hostport(self.peer_http_listen, "peer_http_listen")
+        host, port = _split_hostport(self.peer_listen, "peer_listen")
+        return host, port + 1 if port else 0
 
     def labels(self) -> dict[str, str]:
         return {k: v for k, v in (("zone", self.zone), ("rack", self.rack)) if v}
@@ -180,6 +191,8 @@ class Config:
                               f"{self.tracker!r}")
         _split_hostport(self.tracker_listen, "tracker_listen")
         _split_hostport(self.peer_listen, "peer_listen")
+        if self.peer_http_listen:
+            _split_hostport(self.peer_http_listen, "peer_http_listen")
         parse_size(self.swarm_min_size, "swarm_min_size")
         if self.peer_stall_timeout <= 0:
             raise ConfigError("peer_stall_timeout: must be > 0")

@@ -78,7 +78,20 @@ class Metrics:
                                          buckets=TTFB_BUCKETS, registry=r)
         self.tracker_errors = Counter("fleetp2p_tracker_errors", "Failed tracker calls", ["op"],
                                       registry=r)
+        # Lazy pull
+        self.lazy_layers = Gauge("fleetp2p_lazy_layers", "Lazily readable layers known from manifests",
+                                 registry=r)
+        self.lazy_requested_bytes = Counter(
+            "fleetp2p_lazy_requested_bytes", "Bytes clients asked for in range reads of lazy layers",
+            registry=r)
+        self.lazy_fetched_bytes = Counter(
+            "fleetp2p_lazy_fetched_bytes", "Bytes fetched to answer lazy range reads, by source",
+            ["source"], registry=r)
+        self.peer_served_bytes = Counter(
+            "fleetp2p_peer_served_bytes", "Bytes this node served to other nodes over HTTP",
+            registry=r)
         for source in SOURCES:
+            self.lazy_fetched_bytes.labels(source)
             self.segments.labels(source)
             self.fetched_bytes.labels(source)
         for source in SOURCES:

@@ -7,7 +7,9 @@
                                            or `error`; resolution errors are plain JSON
                                            {"error": ...} with 400/404/502 instead
     GET    /_fleetp2p/v1/pins            → {"pins": [...]}
-    DELETE /_fleetp2p/v1/pins?ref=REF    → {"unpinned": label, "digests": n} or 404
+    DELETE /_fleetp2p/v1/pins/{REF}      → {"unpinned": label, "digests": n} or 404; REF is
+                                           the pin label or a reference naming it, URL-encoded
+                                           (also accepted as ?ref=REF)
 
 The listener is 127.0.0.1 by default; in addition every handler here refuses
 a peer that is not loopback unless `admin_allow_remote` is set, because the
@@ -50,7 +52,8 @@ def add_admin_routes(app: web.Application, agent: "Agent") -> None:
     app.router.add_get(f"{ADMIN_API_PREFIX}/status", guard(api.status))
     app.router.add_post(f"{ADMIN_API_PREFIX}/pull", guard(api.pull))
     app.router.add_get(f"{ADMIN_API_PREFIX}/pins", guard(api.pins))
-    app.router.add_delete(f"{ADMIN_API_PREFIX}/pins", guard(api.unpin))
+    app.router.add_delete(f"{ADMIN_API_PREFIX}/pins/{{ref:.+}}", guard(api.unpin))
+    app.router.add_delete(f"{ADMIN_API_PREFIX}/pins", guard(api.unpin))  # ?ref=REF
 
 
 def is_loopback(remote: str | None) -> bool:
@@ -101,9 +104,9 @@ class AdminApi:
         return web.json_response({"pins": build_status(self.agent)["pins"]})
 
     async def unpin(self, request: web.Request) -> web.Response:
-        text = request.query.get("ref", "").strip()
+        text = (request.match_info.get("ref") or request.query.get("ref", "")).strip()
         if not text:
-            raise BadRequest("missing ?ref=REFERENCE")
+            raise BadRequest("missing reference: DELETE /pins/REF (URL-encoded) or /pins?ref=REF")
         store = self.agent.store
         pins = store.pins()
         label = text if text in pins else str(self._parse_ref(text))

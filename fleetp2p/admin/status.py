@@ -86,20 +86,28 @@ def _inflight(agent: "Agent") -> list[dict[str, Any]]:
 
 
 def _swarm(agent: "Agent", samples: dict[str, list[tuple[dict[str, str], float]]]) -> dict[str, Any]:
-    """Fields the swarm fills: null until it exists on this agent."""
-    info: dict[str, Any] = {"enabled": False, "tracker_url": getattr(agent.config, "tracker_url", None),
-                            "tracker_reachable": None, "peers": None, "peer_listen": None}
+    """What the swarm reports; every field stays null while the agent runs
+    without one (tracker = "none") or before it has started."""
+    config = agent.config
     swarm = getattr(agent, "swarm", None)
-    if swarm is not None:
-        info["enabled"] = True
-        peers = samples.get("fleetp2p_peers_connected")
-        if peers:
-            info["peers"] = int(sum(v for _, v in peers))
-        status = getattr(swarm, "status", None)
-        if callable(status):
-            extra = status()
-            if isinstance(extra, dict):
-                info.update(extra)
+    announcer = getattr(agent, "announcer", None)
+    node = getattr(agent, "node", None)
+    info: dict[str, Any] = {"enabled": swarm is not None,
+                            "tracker_url": getattr(config, "tracker_url", None),
+                            "tracker_reachable": None, "peers": None, "peer_listen": None,
+                            "node_id": None}
+    if swarm is None:
+        return info
+    if announcer is not None and isinstance(getattr(announcer, "reachable", None), bool):
+        info["tracker_reachable"] = announcer.reachable
+    peers = samples.get("fleetp2p_peers_connected")
+    if peers:
+        info["peers"] = int(sum(v for _, v in peers))
+    if node is not None:
+        info["node_id"] = getattr(node, "node_id", None)
+        host, port = getattr(node, "host", None), getattr(node, "port", None)
+        if host and port:
+            info["peer_listen"] = f"{host}:{port}"
     return info
 
 

@@ -65,7 +65,7 @@ class AgentClient:
         return self._json("GET", f"{API}/status")
 
     def unpin(self, ref: str) -> dict[str, Any]:
-        return self._json("DELETE", f"{API}/pins?ref={quote(ref, safe='')}")
+        return self._json("DELETE", f"{API}/pins/{quote(ref, safe='')}")
 
     def pull(self, ref: str, platforms: list[str] | None, all_platforms: bool,
              pin: bool) -> Iterator[dict[str, Any]]:

@@ -118,8 +118,7 @@ def check_store(status: dict[str, Any] | None, cfg: Config | None) -> Check:
             limit = cfg.store_limit_bytes()
         except FleetError as e:
             return fail("store", str(e), "set store_max_size to a size (50GiB) or a percentage")
-        blobs = Path(cfg.data_dir) / "blobs"
-        used = sum(p.stat().st_size for p in blobs.glob("*/*") if p.is_file()) if blobs.exists() else 0
+        used = _tree_bytes(Path(cfg.data_dir) / "blobs")
         high, pinned = int(limit * cfg.store_high_watermark), None
     else:
         return skip("store", "no valid config and no agent")
@@ -129,6 +128,18 @@ def check_store(status: dict[str, Any] | None, cfg: Config | None) -> Check:
                     f"{pinned_text}", "unpin old seeds (fleetp2p seed --unpin REF), raise "
                     "store_max_size, or give the store more disk")
     return ok("store", f"{used >> 20} MiB used, high watermark {high >> 20} MiB")
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of every file below root (whatever the store's layout inside it)."""
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(directory, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 # Swarm side ---------------------------------------------------------------------
@@ -162,7 +173,7 @@ def check_peer_port(listen: str | None) -> Check:
     """The BitTorrent listener accepts connections (from this node; the tracker
     reports whether other nodes got through)."""
     if not listen:
-        return skip("peer port", "no peer listener configured")
+        return skip("peer port", "no tracker configured, so no peer listener")
     host, _, port = listen.rpartition(":")
     host = host.strip("[]")
     if host in ("", "0.0.0.0", "::"):
@@ -211,24 +222,25 @@ def check_hosts_toml(hosts_dir: str, registry: str, agent_url: str) -> Check:
     candidates = [Path(hosts_dir) / _hosts_dir_name(registry) / "hosts.toml",
                   Path(hosts_dir) / "_default" / "hosts.toml"]
     fix = (f"write {candidates[0]}: [host.\"{agent_url}\"] capabilities = [\"pull\", \"resolve\"]")
-    present = [p for p in candidates if p.exists()]
-    if not present:
+    # containerd reads the registry's own file if there is one, _default only otherwise.
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
         return fail(name, f"no {candidates[0]} and no _default/hosts.toml", fix)
-    for path in present:
-        try:
-            with open(path, "rb") as f:
-                hosts = tomllib.load(f).get("host") or {}
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            return fail(name, f"cannot read {path}: {e}", f"fix the TOML syntax of {path}")
-        for url, settings in hosts.items():
-            if not _same_endpoint(url, agent_url):
-                continue
-            caps = settings.get("capabilities", ["pull", "resolve", "push"]) if isinstance(settings, dict) else []
-            if "pull" not in caps:
-                return fail(name, f"{path} lists the agent without the pull capability",
-                            f"set capabilities = [\"pull\", \"resolve\"] for {url} in {path}")
-            return ok(name, f"{path} mirrors through {url}")
-    return fail(name, f"{present[0]} does not name the agent {agent_url}", fix)
+    try:
+        with open(path, "rb") as f:
+            hosts = tomllib.load(f).get("host") or {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        return fail(name, f"cannot read {path}: {e}", f"fix the TOML syntax of {path}")
+    for url, settings in hosts.items():
+        if not _same_endpoint(url, agent_url):
+            continue
+        caps = settings.get("capabilities", ["pull", "resolve", "push"]) if isinstance(settings, dict) else []
+        if "pull" not in caps:
+            return fail(name, f"{path} lists the agent without the pull capability",
+                        f"set capabilities = [\"pull\", \"resolve\"] for {url} in {path}")
+        return ok(name, f"{path} mirrors through {url}")
+    return fail(name, f"{path} does not name the agent {agent_url}",
+                f"add to {path}: [host.\"{agent_url}\"] capabilities = [\"pull\", \"resolve\"]")
 
 
 def _hosts_dir_name(registry: str) -> str:

@@ -48,9 +48,9 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
         results.append(checks.check_data_dir(cfg.data_dir))
     agent_check, status = checks.check_agent(agent_url)
     results.append(agent_check)
-    results.append(checks.check_tracker(getattr(cfg, "tracker_url", None),
-                                        getattr(cfg, "tracker_token", None)))
-    results.append(checks.check_peer_port(getattr(cfg, "peer_listen", None)))
+    tracker_url = getattr(cfg, "tracker_url", None)
+    results.append(checks.check_tracker(tracker_url, getattr(cfg, "tracker_token", None) or None))
+    results.append(checks.check_peer_port(getattr(cfg, "peer_listen", None) if tracker_url else None))
     containerd_check, config_path = checks.check_containerd_config(args.containerd_config)
     results.append(containerd_check)
     hosts_dir = args.hosts_dir or config_path or checks.DEFAULT_HOSTS_DIR

@@ -93,7 +93,7 @@ class QuietView:
             name = ref.split("@", 1)[0]
             if ":" in name.rsplit("/", 1)[-1]:
                 name = name.rsplit(":", 1)[0]
-            self.console.print(f"{name}@{event.get('digest')}", markup=False, highlight=False)
+            print(f"{name}@{event.get('digest')}", file=self.console.file)  # never wrapped
 
     def close(self) -> None:
         pass

@@ -78,7 +78,8 @@ def render(data: dict[str, Any], url: str) -> Table:
             f"{human_bytes(size) if size >= 0 else '?'}{pct} from {item.get('source') or '?'}")
     row("served", _sources(data.get("served_bytes")))
     fetched = data.get("fetched_bytes")
-    row("fetched", _sources(fetched) if fetched else NA)
+    if (data.get("swarm") or {}).get("enabled"):
+        row("fetched", _sources(fetched) if fetched else NA)
     upstream = data.get("upstream") or {}
     received = upstream.get("bytes") or {}
     row("upstream", ", ".join(f"{r['name']} ({r['url']})" for r in upstream.get("registries", []))
@@ -90,11 +91,14 @@ def render(data: dict[str, Any], url: str) -> Table:
     failures = data.get("verification_failures")
     row("verification", f"{failures} failures" if failures else "no failures")
     swarm = data.get("swarm") or {}
-    tracker = swarm.get("tracker_url") or NA
     reachable = swarm.get("tracker_reachable")
-    row("swarm", f"tracker {tracker} (reachable: {NA if reachable is None else reachable}); "
-                 f"peers {NA if swarm.get('peers') is None else swarm['peers']}; peer port "
-                 f"{swarm.get('peer_listen') or NA}")
+    reachable_text = NA if reachable is None else "reachable" if reachable else "UNREACHABLE"
+    if not swarm.get("enabled"):
+        row("swarm", f"off (tracker = \"none\"): tracker {NA}, peers {NA}, peer port {NA}")
+    else:
+        row("swarm", f"tracker {swarm.get('tracker_url') or NA} ({reachable_text}); peers "
+                     f"{NA if swarm.get('peers') is None else swarm['peers']}; peer port "
+                     f"{swarm.get('peer_listen') or NA}; node {swarm.get('node_id') or NA}")
     return table
 
 

@@ -90,6 +90,9 @@ class BlobFetcher:
         entry = self.store.get(digest)
         return LocalSource(entry) if entry is not None else None
 
+    def is_inflight(self, digest: Digest) -> bool:
+        return digest in self._inflight
+
     def inflight(self) -> list[Download]:
         return list(self._inflight.values())
 

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from fleetp2p.errors import UpstreamError
+from fleetp2p.lazy.layers import LazyLayers
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest, is_digest
 from fleetp2p.store import BlobStore, TagCache
@@ -33,8 +34,10 @@ class Manifest:
 
 class ManifestService:
     def __init__(self, store: BlobStore, tags: TagCache, upstream: UpstreamClient,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, lazy_layers: LazyLayers | None = None) -> None:
         self.store = store
+        self.lazy_layers = lazy_layers or LazyLayers()
+        self._learned: OrderedDict[Digest, None] = OrderedDict()
         self.tags = tags
         self.upstream = upstream
         self.metrics = metrics
@@ -57,6 +60,7 @@ class ManifestService:
         self._inflight[key] = fut
         try:
             result = await self._resolve(registry, repository, reference, accept)
+            self._learn(result, registry, repository)
             fut.set_result(result)
             return result
         except asyncio.CancelledError:
@@ -113,14 +117,23 @@ class ManifestService:
         if not is_digest(reference):
             await asyncio.to_thread(self.tags.put, registry, repository, reference,
                                     str(got.digest), got.media_type)
-        self._remember_origins(got.content, registry, repository)
         return Manifest(got.content, got.media_type, got.digest)
 
-    def _remember_origins(self, content: bytes, registry: str, repository: str) -> None:
+    def _learn(self, manifest: Manifest, registry: str, repository: str) -> None:
+        """Remember what a manifest says about its blobs: where they come from
+        and which are lazily readable. Once per manifest digest."""
+        if manifest.digest in self._learned:
+            self._learned.move_to_end(manifest.digest)
+            return
+        self._learned[manifest.digest] = None
+        while len(self._learned) > MAX_ORIGINS:
+            self._learned.popitem(last=False)
         try:
-            document = json.loads(content)
+            document = json.loads(manifest.content)
         except ValueError:
             return
+        if self.lazy_layers.learn(document):
+            self.metrics.lazy_layers.set(len(self.lazy_layers))
         for digest in referenced_digests(document):
             self._origins[digest] = (registry, repository)
             self._origins.move_to_end(digest)

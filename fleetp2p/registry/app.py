@@ -12,9 +12,12 @@ import time
 
 from aiohttp import web
 
-from fleetp2p.errors import (BlobUnknown, ManifestUnknown, RegistryError, TooManyRequests,
-                             Unsupported, UpstreamError)
-from fleetp2p.fetch import BlobFetcher, ManifestService
+from fleetp2p.errors import (BlobUnknown, FleetError, ManifestUnknown, RegistryError,
+                             TooManyRequests, Unsupported, UpstreamError, VerificationError)
+from fleetp2p.fetch import BlobFetcher, BlobSource, ManifestService
+from fleetp2p.lazy.reads import LazyReads
+from fleetp2p.lazy.toc import LazyError
+from fleetp2p.oci.reference import Digest
 from fleetp2p.metrics import Metrics
 from fleetp2p.registry.ranges import parse_range
 from fleetp2p.registry.routes import Target, parse_target
@@ -28,8 +31,9 @@ READ_METHODS = ("GET", "HEAD")
 
 class RegistryFront:
     def __init__(self, manifests: ManifestService, blobs: BlobFetcher, metrics: Metrics,
-                 default_registry: str) -> None:
+                 default_registry: str, lazy: LazyReads | None = None) -> None:
         self.manifests = manifests
+        self.lazy = lazy
         self.blobs = blobs
         self.metrics = metrics
         self.default_registry = default_registry
@@ -88,35 +92,69 @@ class RegistryFront:
 
     async def blob(self, request: web.Request, target: Target, started: float) -> web.StreamResponse:
         assert target.digest is not None
+        digest = target.digest
         registry, repository = target.registry, target.repository
         if not target.explicit_registry:
-            origin = self.manifests.origin(target.digest)
+            origin = self.manifests.origin(digest)
             if origin is not None:
                 registry = origin[0]
         headers = {
             **API_VERSION,
-            "Docker-Content-Digest": str(target.digest),
-            "ETag": f'"{target.digest}"',
+            "Docker-Content-Digest": str(digest),
+            "ETag": f'"{digest}"',
             "Accept-Ranges": "bytes",
         }
         if request.method == "HEAD":
-            size = await self.blobs.size(registry, repository, target.digest)
+            size = self.lazy.size_of(digest) if self.lazy and not self.blobs.local(digest) else None
+            if size is None:
+                size = await self.blobs.size(registry, repository, digest)
             headers["Content-Type"] = "application/octet-stream"
             headers["Content-Length"] = str(size)
             return web.Response(status=200, headers=headers)
-        source = await self.blobs.open(registry, repository, target.digest)
-        size = source.size
         range_header = request.headers.get("Range")
         if_range = request.headers.get("If-Range")
         if if_range is not None and if_range.strip() != headers["ETag"]:
             range_header = None
+        source: BlobSource | None = None
+        if range_header and self.lazy is not None and self.blobs.local(digest) is None \
+                and not self.blobs.is_inflight(digest):
+            size = self.lazy.size_of(digest)
+            if size is not None:
+                ranges = self._ranges(range_header, size, headers)
+                if isinstance(ranges, web.Response):
+                    return ranges
+                if ranges and self.lazy.wants(digest, ranges, size):
+                    source = await self._lazy_source(registry, repository, digest, ranges)
+        if source is None:
+            source = await self.blobs.open(registry, repository, digest)
+        ranges = self._ranges(range_header, source.size, headers)
+        if isinstance(ranges, web.Response):
+            return ranges
+        return await self._send(request, source, ranges, headers, started)
+
+    async def _lazy_source(self, registry: str, repository: str, digest: Digest,
+                           ranges: list[tuple[int, int]]) -> BlobSource:
+        assert self.lazy is not None
         try:
-            ranges = parse_range(range_header, size)
+            return await self.lazy.open(registry, repository, digest, ranges)
+        except VerificationError as e:
+            raise BlobUnknown(f"no verified copy: {e}", detail={"reason": "verification"}) from None
+        except (LazyError, FleetError) as e:
+            raise BlobUnknown(f"lazy read failed: {e}") from None
+
+    def _ranges(self, header: str | None, size: int,
+                headers: dict[str, str]) -> list[tuple[int, int]] | None | web.Response:
+        try:
+            return parse_range(header, size)
         except RegistryError as e:
-            if e.status == 416:
-                headers["Content-Range"] = f"bytes */{size}"
-                return error_response(request, e, headers)
-            raise
+            if e.status != 416:
+                raise
+            return error_response_for(e, {**headers, "Content-Range": f"bytes */{size}"})
+
+    async def _send(self, request: web.Request, source: BlobSource,
+                    ranges: list[tuple[int, int]] | None, headers: dict[str, str],
+                    started: float) -> web.StreamResponse:
+        size = source.size
         trailer = b""
         if ranges is None:
             status, spans = 200, [Span(0, size)]
@@ -163,9 +201,19 @@ def raise_unsupported(method: str) -> None:
 
 def error_response(request: web.Request, error: RegistryError,
                    headers: dict[str, str] | None = None) -> web.Response:
+    if request.method == "HEAD":
+        return web.Response(status=error.status, headers=_error_headers(error, headers))
+    return error_response_for(error, headers)
+
+
+def error_response_for(error: RegistryError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error.to_json(), status=error.status,
+                             headers=_error_headers(error, headers))
+
+
+def _error_headers(error: RegistryError, headers: dict[str, str] | None) -> dict[str, str]:
     all_headers = {**API_VERSION, **(headers or {})}
+    all_headers.pop("Content-Type", None)
     if error.status == 405:
         all_headers["Allow"] = "GET, HEAD"
-    if request.method == "HEAD":
-        return web.Response(status=error.status, headers=all_headers)
-    return web.json_response(error.to_json(), status=error.status, headers=all_headers)
+    return all_headers

@@ -102,6 +102,7 @@ class Agent:
         if self.settings.get("tracker", "embedded") == "embedded":
             self.settings.setdefault("tracker_listen", f"{LOOPBACK}:{free_port()}")
         self.settings.setdefault("peer_listen", f"{LOOPBACK}:{free_port()}")
+        self.settings.setdefault("peer_http_listen", f"{LOOPBACK}:{free_port()}")
 
     @property
     def host(self) -> str:

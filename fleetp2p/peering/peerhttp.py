@@ -1,0 +1,154 @@
+"""Byte ranges between agents over plain HTTP, for lazy reads.
+
+A container blocked on a file read cannot wait for libtorrent's connection
+tick (0.1–0.9 s); an HTTP range from a peer's agent takes milliseconds. The
+bytes carry no trust: the reader verifies every chunk against the TOC, and a
+peer only serves what it holds verified (a complete blob, or the verified
+parts of a lazily read one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+
+from fleetp2p.errors import FleetError
+from fleetp2p.metrics import Metrics
+from fleetp2p.oci.reference import Digest
+from fleetp2p.peering.announcer import Announcer
+from fleetp2p.peering.timed import timed
+from fleetp2p.registry.ranges import parse_range
+from fleetp2p.store import BlobStore, SegmentReader
+from tracker.client import TrackerClient
+from tracker.errors import TrackerError, TrackerUnavailable
+
+log = logging.getLogger(__name__)
+
+PEER_TIMEOUT = 3.0
+PEERS_TTL = 5.0
+MAX_PEER_RANGE = 64 * 1024 * 1024
+PEERS_TO_TRY = 3
+
+# (digest, start, end) → (open a reader, blob size) when this node holds those bytes verified.
+Lookup = Callable[[Digest, int, int], "tuple[Callable[[], SegmentReader], int] | None"]
+
+
+class PeerReader:
+    """Client side: ask the holders the tracker knows for a byte range."""
+
+    def __init__(self, tracker: TrackerClient, node_id: str, announcer: Announcer,
+                 metrics: Metrics, token: str | None) -> None:
+        self.tracker = tracker
+        self.node_id = node_id
+        self.announcer = announcer
+        self.metrics = metrics
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session: aiohttp.ClientSession | None = None
+        self._peers: dict[Digest, tuple[float, list[str]]] = {}
+
+    def announce(self, digest: Digest, blob: object) -> None:
+        """A node holding part of a lazy layer is a (partial) holder of its segment 0."""
+        self.announcer.hold_segment(str(digest), 0)
+
+    async def read(self, digest: Digest, start: int, end: int) -> bytes | None:
+        if end - start > MAX_PEER_RANGE:
+            return None
+        for url in (await self._holders(digest))[:PEERS_TO_TRY]:
+            data = await self._get(url, digest, start, end)
+            if data is not None:
+                return data
+        return None
+
+    async def _holders(self, digest: Digest) -> list[str]:
+        cached = self._peers.get(digest)
+        if cached is not None and time.monotonic() - cached[0] < PEERS_TTL:
+            return cached[1]
+        try:
+            peers = await timed(self.metrics, "peers", lambda: self.tracker.peers(
+                str(digest), node=self.node_id, limit=10))
+        except (TrackerUnavailable, TrackerError):
+            return []
+        urls = [p.http for p in peers if p.http]
+        random.shuffle(urls)
+        self._peers[digest] = (time.monotonic(), urls)
+        return urls
+
+    async def _get(self, base: str, digest: Digest, start: int, end: int) -> bytes | None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT))
+        headers = {**self._headers, "Range": f"bytes={start}-{end - 1}"}
+        try:
+            async with self._session.get(f"{base}/peer/v1/blobs/{digest}", headers=headers) as resp:
+                if resp.status != 206:
+                    return None
+                data = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            log.debug("peer %s range %d-%d: %s", base, start, end, e)
+            return None
+        return data if len(data) == end - start else None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Application:
+    """Server side: the only routes other nodes can reach on this node's HTTP port."""
+    secret = f"Bearer {token}".encode() if token else None
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if secret is not None and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), secret):
+            return web.Response(status=401)
+        try:
+            digest = Digest.parse(request.match_info["digest"])
+        except FleetError:
+            return web.Response(status=400)
+        found_size = lookup(digest, 0, 0)
+        if found_size is None:
+            return web.Response(status=404)
+        size = found_size[1]
+        try:
+            ranges = parse_range(request.headers.get("Range"), size)
+        except FleetError:
+            return web.Response(status=416)
+        if not ranges or len(ranges) != 1 or ranges[0][1] - ranges[0][0] + 1 > MAX_PEER_RANGE:
+            return web.Response(status=400)
+        first, last = ranges[0]
+        found = lookup(digest, first, last + 1)
+        if found is None:
+            return web.Response(status=404)
+        reader = found[0]()
+        try:
+            data = await asyncio.to_thread(reader.read, first, last - first + 1)
+        finally:
+            reader.close()
+        metrics.peer_served_bytes.inc(len(data))
+        return web.Response(status=206, body=data, headers={
+            "Content-Range": f"bytes {first}-{last}/{size}",
+            "Content-Type": "application/octet-stream"})
+
+    app = web.Application()
+    app.router.add_get("/peer/v1/blobs/{digest}", handle)
+    return app
+
+
+def store_lookup(store: BlobStore, lazy_blob: Callable) -> Lookup:
+    """Verified bytes this node has: a complete blob, or verified parts of a lazy one."""
+
+    def lookup(digest: Digest, start: int, end: int):
+        entry = store.get(digest)
+        if entry is not None:
+            return entry.reader, entry.size
+        blob = lazy_blob(digest)
+        if blob is not None and (end <= start or blob.present.covers(start, end)):
+            return blob.reader, blob.size
+        return None
+    return lookup
