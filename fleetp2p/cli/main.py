@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Run a tracker; several on one Redis act as one.")
     tracker_cli.add_arguments(tracker)
     tracker.set_defaults(func=tracker_cli.run_from_args)
-    from fleetp2p.cli import doctor, seed, status
+    from fleetp2p.cli import doctor, files, seed, status
 
     seed.add_parsers(sub)
+    files.add_parsers(sub)
     status.add_parser(sub)
     doctor.add_parser(sub)
     return parser
