@@ -90,3 +90,30 @@ async def test_tracker_down_goes_straight_to_upstream(tmp_path):
             agent_for(up, tmp_path / "x", **swarm_settings(dead)) as (agent, front):
         assert await pull(front, digest) == data
         assert value(agent, agent.metrics.served_bytes, "upstream") == SIZE
+
+
+async def test_bad_fleet_copy_is_withdrawn_and_refetched(tmp_path):
+    """Upstream corrupts one segment: its metainfo is published, the whole-blob
+    digest then fails, the metainfo is withdrawn and the blob refetched whole."""
+    upstream = FakeUpstream()
+    data = os.urandom(SIZE)
+    digest = upstream.add_blob(data)
+    upstream.faults = ["corrupt"]
+    async with running(upstream.app()) as up, fleet(up, tmp_path, 1) as agents:
+        (agent, front), = agents
+        async with aiohttp.ClientSession() as session:
+            async with session.get(front.make_url(f"/v2/app/blobs/{digest}")) as resp:
+                assert resp.status == 200
+                try:
+                    body = await resp.read()
+                except aiohttp.ClientPayloadError:
+                    body = None
+        assert body is None or body == data  # never a complete wrong body
+        for _ in range(100):  # the refetch runs in the background
+            if agent.store.entries():
+                break
+            await asyncio.sleep(0.05)
+        assert await pull(front, digest) == data
+        assert value(agent, agent.metrics.verification_failures, "blob") == 1
+        record = await agent.tracker.get_blob(digest)
+        assert record is not None and not record.segments  # bad metainfo withdrawn

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from fleetp2p.errors import VerificationError
 from fleetp2p.fetch.cooperative import CooperativeFetch, Fleet
-from fleetp2p.fetch.download import Download
+from fleetp2p.fetch.download import Download, DownloadFailed
 from fleetp2p.fetch.receive import receive
 from fleetp2p.peering.timed import timed
 from fleetp2p.metrics import Metrics
@@ -124,10 +124,18 @@ class BlobFetcher:
         return await self.upstream.blob_size(registry, repository, digest)
 
     async def fetch(self, registry: str, repository: str, digest: Digest) -> StoredBlob:
-        """Make sure the blob is in the store (seed, pull)."""
-        source = await self.open(registry, repository, digest)
-        if isinstance(source, DownloadSource):
-            await source.wait_readable(source.size)
+        """Make sure the blob is in the store (seed, pull). A fleet copy that fails
+        verification is refetched from upstream; that second attempt is waited for."""
+        for attempt in range(2):
+            source = await self.open(registry, repository, digest)
+            if not isinstance(source, DownloadSource):
+                break
+            try:
+                await source.wait_readable(source.size)
+                break
+            except DownloadFailed:
+                if attempt or not self.is_inflight(digest):
+                    raise
         entry = self.store.get(digest)
         if entry is None:
             raise VerificationError(f"{digest} vanished from the store right after its fetch")
@@ -248,8 +256,14 @@ class BlobFetcher:
         return hasher.hexdigest()
 
     async def _withdraw(self, digest: Digest, fetch: CooperativeFetch) -> None:
+        """Which segment is wrong cannot be known: withdraw every published one."""
         assert self.fleet is not None
-        for index, meta in fetch.record.segments.items():
+        record = fetch.record
+        try:
+            record = await self.fleet.tracker.get_blob(str(digest)) or record
+        except (TrackerUnavailable, TrackerError):
+            pass
+        for index, meta in record.segments.items():
             try:
                 await self.fleet.tracker.withdraw(str(digest), index, info_hash=meta.info_hash)
             except (TrackerUnavailable, TrackerError):

@@ -109,6 +109,9 @@ class CooperativeFetch:
                 except asyncio.TimeoutError:
                     pass
                 await self._watch_stalls()
+            # The last segments' publishes may still be on their way: let them land,
+            # so a later withdrawal sees everything this node published.
+            await asyncio.gather(*self.fetching.values(), return_exceptions=True)
             return self.writer
         except BaseException:
             self._stop_segments()
