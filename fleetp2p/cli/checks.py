@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from fleetp2p import config as config_mod
+from fleetp2p.cli.progress import human_bytes
 from fleetp2p.config import Config, Registry
 from fleetp2p.errors import FleetError
 from fleetp2p.upstream.auth import parse_challenge
@@ -91,10 +92,10 @@ def check_data_dir(data_dir: str, min_free: int = MIN_FREE_BYTES) -> Check:
                     f"chown/chmod {probe_dir} for the agent's user, or set data_dir elsewhere")
     free = shutil.disk_usage(probe_dir).free
     if free < min_free:
-        return fail("data dir", f"{data_dir}: only {free >> 20} MiB free",
-                    f"free space on that filesystem (need ≥ {min_free >> 20} MiB) or move data_dir")
+        return fail("data dir", f"{data_dir}: only {human_bytes(free)} free",
+                    f"free space on that filesystem (need ≥ {human_bytes(min_free)}) or move data_dir")
     state = "" if target.exists() else " (will be created)"
-    return ok("data dir", f"{data_dir}{state}: writable, {free >> 30} GiB free")
+    return ok("data dir", f"{data_dir}{state}: writable, {human_bytes(free)} free")
 
 
 def check_agent(url: str) -> tuple[Check, dict[str, Any] | None]:
@@ -123,11 +124,11 @@ def check_store(status: dict[str, Any] | None, cfg: Config | None) -> Check:
     else:
         return skip("store", "no valid config and no agent")
     if used > high:
-        pinned_text = f", {pinned >> 20} MiB pinned" if pinned is not None else ""
-        return fail("store", f"{used >> 20} MiB used, above the high watermark of {high >> 20} MiB"
-                    f"{pinned_text}", "unpin old seeds (fleetp2p seed --unpin REF), raise "
-                    "store_max_size, or give the store more disk")
-    return ok("store", f"{used >> 20} MiB used, high watermark {high >> 20} MiB")
+        pinned_text = f", {human_bytes(pinned)} pinned" if pinned is not None else ""
+        return fail("store", f"{human_bytes(used)} used, above the high watermark of "
+                    f"{human_bytes(high)}{pinned_text}", "unpin old seeds (fleetp2p seed --unpin "
+                    "REF), raise store_max_size, or give the store more disk")
+    return ok("store", f"{human_bytes(used)} used, high watermark {human_bytes(high)}")
 
 
 def _tree_bytes(root: Path) -> int:

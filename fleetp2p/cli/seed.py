@@ -9,6 +9,7 @@ command line and renders the agent's progress events.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from rich.console import Console
@@ -57,7 +58,6 @@ def _seed(args: argparse.Namespace) -> int:
         _check_ref(args.ref)
         result = AgentClient(args.agent).unpin(args.ref)
         if args.json:
-            import json
             print(json.dumps(result))
         elif not args.quiet:
             print(f"unpinned {result['unpinned']}: {result['digests']} digests may now be "

@@ -193,7 +193,8 @@ class BlobFetcher:
         writer: SegmentWriter | None = None
         try:
             await self._make_room(stream.size)
-            writer = self.store.new_partial(download.digest, self.geometry(stream.size))
+            writer = await asyncio.to_thread(self.store.new_partial, download.digest,
+                                           self.geometry(stream.size))
             download.set_geometry(writer.geometry)
             hasher = hashlib.new(download.digest.algorithm)
 

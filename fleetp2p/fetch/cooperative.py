@@ -90,7 +90,8 @@ class CooperativeFetch:
     async def run(self) -> SegmentWriter:
         """All segments on disk (each piece hash-checked or self-fetched); the
         caller verifies the whole blob and commits the returned writer."""
-        self.writer = self.fleet.store.new_partial(self.download.digest, self.geometry)
+        self.writer = await asyncio.to_thread(self.fleet.store.new_partial, self.download.digest,
+                                            self.geometry)
         self.download.set_geometry(self.geometry)
         unsubscribe = self.fleet.swarm.subscribe(self.digest, self._on_event)
         poller = asyncio.create_task(self._poll(), name=f"poll {self.digest[:19]}")

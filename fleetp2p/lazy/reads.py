@@ -80,8 +80,11 @@ class LazyReads:
         plan, size = known
         blob = self._blobs.get(digest)
         if blob is None:
-            blob = LazyBlob(digest, size, plan, self.root / digest.hex, self.metrics)
-            self._blobs[digest] = blob
+            made = await asyncio.to_thread(LazyBlob, digest, size, plan, self.root / digest.hex,
+                                          self.metrics)
+            blob = self._blobs.setdefault(digest, made)
+            if blob is not made:  # another request made it meanwhile
+                made.close(remove=False)
         self.metrics.lazy_requested_bytes.inc(sum(last - first + 1 for first, last in ranges))
         sources = self.sources(registry, repository, digest)
         await blob.ensure(ranges, sources)
