@@ -60,7 +60,7 @@ class Agent:
         self.announcer: Announcer | None = None
         self.node: Node | None = None
         self._tasks: list[asyncio.Task] = []
-        self._tracker_stop = asyncio.Event()
+        self._tracker_site: web.AppRunner | None = None
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)
@@ -83,11 +83,7 @@ class Agent:
     async def _start_peering(self) -> None:
         config = self.config
         if config.tracker == "embedded":
-            from tracker.run import serve as serve_tracker
-
-            self._tasks.append(asyncio.create_task(serve_tracker(
-                config.tracker_listen, config.tracker_redis or None, config.tracker_token or None,
-                stop=self._tracker_stop), name="embedded tracker"))
+            await self._start_embedded_tracker()
         self.swarm = Swarm(config.peer_listen, self.metrics)
         await self.swarm.start()
         self.tracker = TrackerClient(config.tracker_url, config.tracker_token or None,
@@ -109,15 +105,27 @@ class Agent:
         loop = asyncio.get_running_loop()
         self.store.on_remove.append(lambda digest: loop.call_soon_threadsafe(self._forget, str(digest)))
         await self.announcer.announce_once()
-        if config.tracker == "embedded":  # it may still be binding its port
-            for _ in range(40):
-                if self.announcer.reachable:
-                    break
-                await asyncio.sleep(0.05)
-                await self.announcer.announce_once()
         self._tasks.append(asyncio.create_task(self.announcer.run(), name="announcer"))
         log.info("node %s: peers on %s:%d, tracker %s (%s)", node_id, self.node.host, self.node.port,
                  config.tracker_url, "reachable" if self.announcer.reachable else "unreachable")
+
+    async def _start_embedded_tracker(self) -> None:
+        """Bound before anything announces, and a clear error if the port is taken."""
+        from tracker.run import create_backend
+        from tracker.server import create_app
+
+        config = self.config
+        backend = create_backend(config.tracker_redis or None)
+        runner = web.AppRunner(create_app(backend, config.tracker_token or None), access_log=None)
+        await runner.setup()
+        host, port = config.tracker_listen.rpartition(":")[::2]
+        try:
+            await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise SystemExit(f"fleetp2p: cannot listen on {config.tracker_listen} "
+                             f"(tracker_listen, embedded tracker): {e.strerror}") from None
+        self._tracker_site = runner
 
     async def _start_peer_site(self) -> int:
         """Other nodes reach only this small app, never the mirror or the admin API."""
@@ -148,11 +156,11 @@ class Agent:
                 download.task.cancel()
         if self.announcer is not None:
             await self.announcer.leave()
-        self._tracker_stop.set()
         for task in self._tasks:
-            if task.get_name() != "embedded tracker":
-                task.cancel()
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tracker_site is not None:
+            await self._tracker_site.cleanup()
         self.lazy.close()
         if self.peer_reader is not None:
             await self.peer_reader.close()

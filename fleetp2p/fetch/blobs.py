@@ -204,6 +204,8 @@ class BlobFetcher:
 
             await receive(stream.chunks(), write, 0, download.advance)
             self._check_digest(download, hasher.hexdigest())
+            self.metrics.fetched_bytes.labels("upstream").inc(writer.geometry.size)
+            self.metrics.segments.labels("upstream").inc(writer.geometry.segments)
             return writer
         except BaseException:
             if writer is not None:

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ class BlobStore:
         self._pins_path = self.root / "pins.json"
         self._index: dict[Digest, StoredBlob] = {}
         self._pins: dict[str, set[str]] = {}  # label → digests
+        self._pins_lock = threading.Lock()  # gc reads pins from a worker thread
         self._total = 0
         # called (blocking, in the GC thread) before a blob's files go: the swarm stops seeding it
         self.on_remove: list = []
@@ -249,20 +251,26 @@ class BlobStore:
     # Pins ----------------------------------------------------------------
 
     def pin(self, label: str, digests: list[Digest]) -> None:
-        self._pins.setdefault(label, set()).update(str(d) for d in digests)
+        with self._pins_lock:
+            self._pins.setdefault(label, set()).update(str(d) for d in digests)
         self._save_pins()
 
     def unpin(self, label: str) -> bool:
-        found = self._pins.pop(label, None) is not None
+        with self._pins_lock:
+            found = self._pins.pop(label, None) is not None
         self._save_pins()
         return found
 
     def pins(self) -> dict[str, set[str]]:
-        return {label: set(digests) for label, digests in self._pins.items()}
+        with self._pins_lock:
+            return {label: set(digests) for label, digests in self._pins.items()}
+
+    def pinned_digests(self) -> set[str]:
+        with self._pins_lock:
+            return set().union(*self._pins.values()) if self._pins else set()
 
     def is_pinned(self, digest: Digest) -> bool:
-        text = str(digest)
-        return any(text in digests for digests in self._pins.values())
+        return str(digest) in self.pinned_digests()
 
     def _load_pins(self) -> None:
         try:
@@ -275,7 +283,7 @@ class BlobStore:
             self._pins = {}
 
     def _save_pins(self) -> None:
-        data = {label: sorted(digests) for label, digests in self._pins.items()}
+        data = {label: sorted(digests) for label, digests in self.pins().items()}
         atomic_write(self._pins_path, json.dumps(data, indent=1).encode())
         self._update_gauges()
 
@@ -290,7 +298,7 @@ class BlobStore:
         if not self.needs_gc(incoming):
             return 0
         target = self.limit * self.low - incoming
-        pinned = set().union(*self._pins.values()) if self._pins else set()
+        pinned = self.pinned_digests()
         freed = 0
         for entry in sorted(self._index.values(), key=lambda e: e.last_access):
             if self._total <= target:
@@ -311,6 +319,6 @@ class BlobStore:
         self.metrics.store_bytes.set(self._total)
         self.metrics.store_blobs.set(len(self._index))
         self.metrics.store_limit.set(self.limit)
-        pinned = set().union(*self._pins.values()) if self._pins else set()
+        pinned = self.pinned_digests()
         self.metrics.store_pinned_bytes.set(
             sum(e.size for d, e in self._index.items() if str(d) in pinned))
