@@ -116,3 +116,12 @@ async def agent_for(upstream: TestServer, data_dir: Path, **overrides) -> AsyncI
     agent = Agent(config_mod.from_dict(settings).validate())
     async with running(agent.build_app()) as server:
         yield agent, server
+
+
+async def wait_stored(agent: Agent, count: int = 1, timeout: float = 5.0) -> None:
+    """The last byte goes out once verified; the commit (fsync, marker) lands just after."""
+    for _ in range(int(timeout / 0.02)):
+        if len(agent.store.entries()) >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{count} blobs not committed after {timeout} s")

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 import yarl
 
-from tests.inprocess import FakeUpstream, agent_for, running
+from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
 
 BLOB = os.urandom(200_000)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -167,6 +167,7 @@ async def test_blob_spanning_many_segments(tmp_path):
             status, headers, body = await request(server, "GET", f"/v2/app/blobs/{digest}",
                                                   {"Range": header})
             assert status == 206 and all(data[a:b + 1] in body for a, b in ranges)
+        await wait_stored(agent)
         entry = agent.store.get(agent.store.entries()[0].digest)
         assert entry.geometry.segments == 5
         assert sorted(p.name for p in entry.path.iterdir()) == ["0", "1", "2", "3", "4", "complete"]

@@ -12,7 +12,7 @@ import socket
 
 import aiohttp
 
-from tests.inprocess import FakeUpstream, agent_for, running
+from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
 
 SIZE = 5 * 1024 * 1024 + 4321
 
@@ -65,6 +65,7 @@ async def test_second_node_gets_blob_from_first(tmp_path):
         assert upstream.blob_bytes_sent == SIZE  # nothing more from upstream
         assert value(b, b.metrics.segments, "peer") == 6
         assert value(b, b.metrics.served_bytes, "peer") == SIZE
+        await wait_stored(b)
         entry = b.store.get(b.store.entries()[0].digest)
         assert hashlib.sha256(entry.reader().read(0, SIZE)).hexdigest() == digest.split(":")[1]
 
@@ -109,10 +110,7 @@ async def test_bad_fleet_copy_is_withdrawn_and_refetched(tmp_path):
                 except aiohttp.ClientPayloadError:
                     body = None
         assert body is None or body == data  # never a complete wrong body
-        for _ in range(100):  # the refetch runs in the background
-            if agent.store.entries():
-                break
-            await asyncio.sleep(0.05)
+        await wait_stored(agent)  # the refetch runs in the background
         assert await pull(front, digest) == data
         assert value(agent, agent.metrics.verification_failures, "blob") == 1
         record = await agent.tracker.get_blob(digest)

@@ -37,7 +37,7 @@ class BlobSource(Protocol):
 
     def reader(self) -> SegmentReader: ...
 
-    async def wait_readable(self, position: int) -> int: ...
+    async def wait_readable(self, position: int, want: int = 1) -> int: ...
 
     def label_at(self, offset: int) -> str:
         """Metrics source of the byte at `offset`: local, upstream or peer."""
@@ -52,7 +52,7 @@ class LocalSource:
     def reader(self) -> SegmentReader:
         return self.entry.reader()
 
-    async def wait_readable(self, position: int) -> int:
+    async def wait_readable(self, position: int, want: int = 1) -> int:
         return self.size
 
     def label_at(self, offset: int) -> str:
@@ -63,15 +63,17 @@ class DownloadSource:
     def __init__(self, download: Download) -> None:
         self.download = download
         self.size = download.size
+        # joined after verification, while the commit finishes: these bytes are local
+        self.local = download.verified
 
     def reader(self) -> SegmentReader:
         return self.download.reader()
 
-    async def wait_readable(self, position: int) -> int:
-        return await self.download.wait_readable(position)
+    async def wait_readable(self, position: int, want: int = 1) -> int:
+        return await self.download.wait_readable(position, want)
 
     def label_at(self, offset: int) -> str:
-        return self.download.label_at(offset)
+        return "local" if self.local else self.download.label_at(offset)
 
 
 class BlobFetcher:
@@ -132,6 +134,8 @@ class BlobFetcher:
                 break
             try:
                 await source.wait_readable(source.size)
+                if source.download.task is not None:  # verified; now let the commit land
+                    await asyncio.wait([source.download.task])
                 break
             except DownloadFailed:
                 if attempt or not self.is_inflight(digest):
@@ -165,12 +169,14 @@ class BlobFetcher:
                                             "verification; refetching from upstream")
             else:
                 writer = await self._from_upstream(download, registry, repository)
+            # Verified: clients may have the last byte now; the fsync and the
+            # completion marker (what makes the blob count after a crash) follow.
+            download.finish()
             try:
                 await asyncio.to_thread(self.store.commit, writer, download.digest)
             except BaseException:
                 await asyncio.to_thread(writer.discard)
                 raise
-            download.finish()
             if record is not None and self.fleet is not None:
                 self.fleet.announcer.hold_all(str(download.digest))
             log.info("fetched %s (%d bytes) for %s/%s", download.digest, download.size, registry,
@@ -198,7 +204,7 @@ class BlobFetcher:
             download.set_geometry(writer.geometry)
             hasher = hashlib.new(download.digest.algorithm)
 
-            def write(data: bytearray, offset: int) -> None:
+            def write(data: bytes, offset: int) -> None:
                 writer.pwrite(data, offset)
                 hasher.update(data)
 
@@ -246,13 +252,20 @@ class BlobFetcher:
         hasher = hashlib.new(download.digest.algorithm)
         await download.ready()
         reader = download.reader()
+        buffer = memoryview(bytearray(HASH_CHUNK))  # one buffer: no heap churn per chunk
+
+        def hash_range(start: int, count: int) -> None:
+            view = buffer[:count]
+            if reader.read_into(start, view) != count:
+                raise VerificationError(f"{download.digest}: segment files shorter than written")
+            hasher.update(view)
+
         position = 0
         try:
             while position < download.size:
                 written = await download.wait_written(position)
                 end = min(written, position + HASH_CHUNK)
-                data_from, count = position, end - position
-                await asyncio.to_thread(lambda: hasher.update(reader.read(data_from, count)))
+                await asyncio.to_thread(hash_range, position, end - position)
                 position = end
         finally:
             reader.close()

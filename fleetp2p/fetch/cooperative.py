@@ -238,7 +238,7 @@ class CooperativeFetch:
             assert self.writer is not None
             writer = self.writer
 
-            def write(data: bytearray, offset: int) -> None:
+            def write(data: bytes, offset: int) -> None:
                 writer.pwrite(data, offset)
                 hasher.update(data)
 

@@ -119,11 +119,15 @@ class Download:
             return self.size
         return min(self.written, max(self.size - 1, 0))
 
-    async def wait_readable(self, position: int) -> int:
-        """Bytes [0, n) may be served, with n > position (or the blob is empty)."""
+    async def wait_readable(self, position: int, want: int = 1) -> int:
+        """Bytes [0, n) may be served: n >= position + want, or n > position when
+        no more will come before verification, or n == size once verified."""
+        goal = min(position + max(want, 1), self.size)
         while True:
             n = self.readable()
-            if n > position or (self.verified and n == self.size):
+            if self.verified:
+                return n
+            if n > position and (n >= goal or self.written >= self.size):
                 return n
             await self._changed()
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 # Bytes buffered while the previous batch is being written and hashed.
 MAX_BUFFER = 4 * 1024 * 1024
 
-Write = Callable[[bytearray, int], None]  # (data, blob offset), runs in a worker thread
+Write = Callable[[bytes, int], None]  # (data, blob offset), runs in a worker thread
 
 
 async def receive(chunks: AsyncIterator[bytes], write: Write, start: int,
@@ -23,26 +23,32 @@ async def receive(chunks: AsyncIterator[bytes], write: Write, start: int,
     pending: asyncio.Future | None = None
     pending_end = start
     offset = start
-    buffer = bytearray()
+    buffered: list[bytes] = []  # joined in the worker: no copying on the loop
+    size = 0
+
+    def flush(parts: list[bytes], at: int) -> None:
+        write(parts[0] if len(parts) == 1 else b"".join(parts), at)
+
     try:
         async for chunk in chunks:
-            buffer += chunk
-            if pending is not None and (pending.done() or len(buffer) >= MAX_BUFFER):
+            buffered.append(chunk)
+            size += len(chunk)
+            if pending is not None and (pending.done() or size >= MAX_BUFFER):
                 await pending
                 progress(pending_end)
                 pending = None
             if pending is None:
-                pending = loop.run_in_executor(None, write, buffer, offset)
-                offset += len(buffer)
+                pending = loop.run_in_executor(None, flush, buffered, offset)
+                offset += size
                 pending_end = offset
-                buffer = bytearray()
+                buffered, size = [], 0
         if pending is not None:
             await pending
             progress(pending_end)
             pending = None
-        if buffer:
-            await loop.run_in_executor(None, write, buffer, offset)
-            offset += len(buffer)
+        if buffered:
+            await loop.run_in_executor(None, flush, buffered, offset)
+            offset += size
             progress(offset)
     except BaseException:
         if pending is not None and not pending.done():

@@ -36,7 +36,7 @@ class LazySource:
     def reader(self):
         return self.blob.reader()
 
-    async def wait_readable(self, position: int) -> int:
+    async def wait_readable(self, position: int, want: int = 1) -> int:
         return self.size
 
     def label_at(self, offset: int) -> str:

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 # Largest single sendfile call: bounds how stale the served-bytes metric gets.
 SEND_CHUNK = 16 * 1024 * 1024
+# While a blob is still arriving, wait for this much before a sendfile call
+# (after the first one, which goes out at once): many tiny sendfile calls
+# cost more event-loop time than the bytes they move.
+SEND_BATCH = 1024 * 1024
 FALLBACK_CHUNK = 1024 * 1024
 
 
@@ -63,10 +67,11 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
                 await response.write(span.prefix)
             position = span.start
             while position < span.end:
-                available = await source.wait_readable(position)
+                batch = 1 if first else min(SEND_BATCH, span.end - position)
+                available = await source.wait_readable(position, batch)
                 count = min(span.end, available, position + SEND_CHUNK) - position
                 for index, within, n in reader.pieces(position, count):
-                    f = await asyncio.to_thread(reader.file, index)
+                    f = reader.opened(index) or await asyncio.to_thread(reader.file, index)
                     label = source.label_at(index * reader.geometry.segment_size + within)
                     if first:
                         metrics.ttfb.labels(label).observe(time.monotonic() - started)

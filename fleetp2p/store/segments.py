@@ -90,6 +90,21 @@ class SegmentReader:
             self._files[index] = f
         return f
 
+    def opened(self, index: int) -> BinaryIO | None:
+        """The segment's file if already open (no blocking call needed)."""
+        return self._files.get(index)
+
+    def read_into(self, offset: int, buffer: bytearray | memoryview) -> int:
+        """Fill `buffer` from `offset` (reusing one buffer keeps the heap small). Blocking."""
+        view = memoryview(buffer)
+        filled = 0
+        for index, within, n in self.pieces(offset, len(view)):
+            got = os.preadv(self.file(index).fileno(), [view[filled:filled + n]], within)
+            filled += got
+            if got < n:
+                break
+        return filled
+
     def pieces(self, offset: int, count: int) -> Iterator[tuple[int, int, int]]:
         """(segment index, offset in segment, length) covering [offset, offset+count)."""
         end = offset + count
