@@ -129,6 +129,7 @@ class PullJob:
             position = await source.wait_readable(position)
             self._active[digest] = position
             if position >= source.size:
+                await source.stored()
                 return
 
     async def _tick(self, emit: Emit) -> None:

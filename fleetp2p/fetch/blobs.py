@@ -43,6 +43,10 @@ class BlobSource(Protocol):
         """Metrics source of the byte at `offset`: local, upstream or peer."""
         ...
 
+    async def stored(self) -> None:
+        """After the last byte: wait until the blob is committed to the store."""
+        ...
+
 
 class LocalSource:
     def __init__(self, entry: StoredBlob) -> None:
@@ -57,6 +61,9 @@ class LocalSource:
 
     def label_at(self, offset: int) -> str:
         return "local"
+
+    async def stored(self) -> None:
+        return None
 
 
 class DownloadSource:
@@ -74,6 +81,11 @@ class DownloadSource:
 
     def label_at(self, offset: int) -> str:
         return "local" if self.local else self.download.label_at(offset)
+
+    async def stored(self) -> None:
+        # The last byte goes out once verified; the fsync and marker follow.
+        if self.download.task is not None:
+            await asyncio.wait([self.download.task])
 
 
 class BlobFetcher:
@@ -134,8 +146,7 @@ class BlobFetcher:
                 break
             try:
                 await source.wait_readable(source.size)
-                if source.download.task is not None:  # verified; now let the commit land
-                    await asyncio.wait([source.download.task])
+                await source.stored()
                 break
             except DownloadFailed:
                 if attempt or not self.is_inflight(digest):

@@ -42,6 +42,9 @@ class LazySource:
     def label_at(self, offset: int) -> str:
         return "peer" if self.blob.from_peers.covers(offset, offset + 1) else "upstream"
 
+    async def stored(self) -> None:
+        return None  # lazily read bytes are a cache, never a stored blob
+
 
 class LazyReads:
     def __init__(self, root: str | Path, layers: LazyLayers, upstream: UpstreamClient,

@@ -19,14 +19,13 @@ import random
 import shutil
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from harness.containerd import Containerd, start_containerd
 from harness.process import run
-from writers import Item, build_tar, gzip_member, sha256, write_oci_layout
+from writers import Item, RealLayer, build_tar, gzip_member, load_layer, sha256, write_oci_layout
 
 _rnd = random.Random(20240601)
 ITEMS = [
@@ -49,40 +48,10 @@ CTR_NAMESPACE = "fleetp2p-lazy"
 SOURCE_REF = "example.test/lazy"
 
 
-@dataclass(frozen=True)
-class RealLayer:
-    """A layer blob with the descriptor fields a manifest gave for it."""
-
-    media_type: str
-    annotations: dict[str, str]
-    blob: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.blob)
-
-    def read(self, start: int, end: int) -> bytes:
-        return self.blob[start:end]
-
-
 def _need(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (Debian: skopeo, containerd, stargz-snapshotter)")
-
-
-def load_layer(layout: Path, ref_name: str) -> RealLayer:
-    """The first layer of the image tagged `ref_name` in an OCI layout directory."""
-    index = json.loads((layout / "index.json").read_text())
-    blobs = layout / "blobs" / "sha256"
-    for desc in index["manifests"]:
-        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref_name:
-            manifest = json.loads((blobs / desc["digest"][7:]).read_text())
-            layer = manifest["layers"][0]
-            blob = (blobs / layer["digest"][7:]).read_bytes()
-            assert sha256(blob) == layer["digest"] and len(blob) == layer["size"]
-            return RealLayer(layer["mediaType"], layer.get("annotations", {}), blob)
-    raise AssertionError(f"no image {ref_name!r} in {layout}")
 
 
 @pytest.fixture(scope="session")

@@ -44,7 +44,7 @@ def test_ls_and_get_read_only_what_they_need(ctr_remote_layers, registry_factory
 
 def test_plain_gzip_layer_falls_back_to_whole_layer(source_layout, registry_factory, agent_factory,
                                                     expected_files, tmp_path):
-    from conftest import load_layer
+    from writers import load_layer
     layer = load_layer(source_layout, "v1")
     registry, agent, ref = setup(layer, registry_factory, agent_factory)
     out = tmp_path / "hello"

@@ -248,3 +248,33 @@ def _skippable(data: bytes) -> bytes:
 
 def gzip_member(data: bytes) -> bytes:
     return gzip.compress(data, mtime=0)
+
+
+@dataclass(frozen=True)
+class RealLayer:
+    """A layer blob with the descriptor fields a manifest gave for it."""
+
+    media_type: str
+    annotations: dict[str, str]
+    blob: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.blob)
+
+    def read(self, start: int, end: int) -> bytes:
+        return self.blob[start:end]
+
+
+def load_layer(layout: Path, ref_name: str) -> RealLayer:
+    """The first layer of the image tagged `ref_name` in an OCI layout directory."""
+    index = json.loads((layout / "index.json").read_text())
+    blobs = layout / "blobs" / "sha256"
+    for desc in index["manifests"]:
+        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref_name:
+            manifest = json.loads((blobs / desc["digest"][7:]).read_text())
+            layer = manifest["layers"][0]
+            blob = (blobs / layer["digest"][7:]).read_bytes()
+            assert sha256(blob) == layer["digest"] and len(blob) == layer["size"]
+            return RealLayer(layer["mediaType"], layer.get("annotations", {}), blob)
+    raise AssertionError(f"no image {ref_name!r} in {layout}")
