@@ -99,7 +99,8 @@ class Agent:
         self.lazy.peers = self.peer_reader
         self.blobs.fleet = Fleet(self.tracker, self.swarm, self.upstream, self.store, self.metrics,
                                  self.announcer, node_id, config.labels(),
-                                 peer_stall_timeout=config.peer_stall_timeout)
+                                 peer_stall_timeout=config.peer_stall_timeout,
+                                 peer_reader=self.peer_reader)
         found = await asyncio.to_thread(seeding.stored_metainfo, self.store)
         seeding.restore(self.store, self.swarm, self.announcer, found)
         loop = asyncio.get_running_loop()

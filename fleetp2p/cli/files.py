@@ -10,7 +10,7 @@ import time
 
 from fleetp2p.cli.agentclient import UsageError, add_agent_flag, run_command
 from fleetp2p.cli.imagefiles import (MirrorReader, extract_from_layer, find, image_layers,
-                                     list_entries, load_toc, write_lazy_file)
+                                     list_entries, write_lazy_file)
 from fleetp2p.errors import FleetError
 from fleetp2p.oci.reference import ImageRef
 

@@ -19,6 +19,7 @@ while it arrives; the whole-blob digest is checked by the caller.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -29,11 +30,12 @@ from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.receive import receive
 from fleetp2p.metrics import Metrics
 from fleetp2p.peering.announcer import Announcer
+from fleetp2p.peering.peerhttp import PeerReader
 from fleetp2p.peering.timed import timed
 from fleetp2p.store import BlobStore, Geometry, SegmentWriter
 from fleetp2p.swarm import (HashFailed, PieceFinished, PieceHasher, SegmentFinished, Swarm,
                             SwarmEvent, make_metainfo)
-from fleetp2p.swarm.metainfo import check_metainfo
+from fleetp2p.swarm.metainfo import check_metainfo, piece_hash
 from fleetp2p.upstream import UpstreamClient
 from tracker.client import TrackerClient
 from tracker.errors import TrackerError, TrackerUnavailable
@@ -60,6 +62,7 @@ class Fleet:
     labels: dict[str, str]
     peer_stall_timeout: float = 10.0
     parallel_leases: int = 1
+    peer_reader: "PeerReader | None" = None
 
 
 class CooperativeFetch:
@@ -82,6 +85,7 @@ class CooperativeFetch:
         self._waited = False
         self.writer: SegmentWriter | None = None
         self._background: set[asyncio.Task] = set()
+        self.last_progress = time.monotonic()
 
     @property
     def directory(self) -> Path:
@@ -142,6 +146,8 @@ class CooperativeFetch:
             self.swarming[index] = time.monotonic()
             self.download.segment_sources[index] = "peer"
             self._prioritize(index)
+            if index == self.download.written // self.geometry.segment_size:
+                self._spawn(self._first_piece_over_http(index, meta.metainfo))
             self._spawn(self._connect_peers(index))
 
     def _prioritize(self, index: int) -> None:
@@ -166,7 +172,7 @@ class CooperativeFetch:
         if index not in self.swarming:
             return
         if isinstance(event, PieceFinished):
-            self.swarming[index] = time.monotonic()
+            self.last_progress = time.monotonic()
             first = index * self.geometry.segment_size // self.geometry.piece_size
             self.download.mark_pieces(first + event.piece, first + event.piece + 1)
         elif isinstance(event, SegmentFinished):
@@ -305,49 +311,97 @@ class CooperativeFetch:
     # 4. stalled swarms fall back to upstream ---------------------------------
 
     async def _watch_stalls(self) -> None:
+        """A segment waiting for bandwidth in a busy swarm is not stalled: only a
+        blob that made no progress at all for `peer_stall_timeout` is. Then the
+        missing pieces of its first unfinished segment (readers need it first)
+        come from upstream, one segment at a time."""
         now = time.monotonic()
         timeout = self.fleet.peer_stall_timeout
-        for index, last in list(self.swarming.items()):
-            if index in self.done or index in self.patching:
-                continue
-            idle = now - last
-            if idle > timeout:
-                log.info("swarm for %s segment %d stalled for %.1fs; patching from upstream",
-                         self.digest, index, idle)
-                task = asyncio.create_task(self._patch_from_upstream(index))
-                self.patching[index] = task
-                task.add_done_callback(lambda t, i=index: self.patching.pop(i, None))
-            elif idle > timeout / 3 and self.fleet.swarm.peer_count((self.digest, index)) == 0:
+        for index, added in self.swarming.items():
+            if index not in self.done and now - added > timeout / 3 and \
+                    self.fleet.swarm.peer_count((self.digest, index)) == 0:
+                self.swarming[index] = now  # ask again in a while, not every tick
                 self._spawn(self._connect_peers(index))
+        idle = now - self.last_progress
+        if self.patching or idle <= timeout:
+            return
+        waiting = sorted(i for i in self.swarming if i not in self.done)
+        if not waiting:
+            return
+        index = waiting[0]
+        log.info("no progress on %s for %.1fs; fetching the missing pieces of segment %d "
+                 "from upstream", self.digest, idle, index)
+        self.last_progress = now
+        task = asyncio.create_task(self._patch_from_upstream(index))
+        self.patching[index] = task
+        task.add_done_callback(lambda t, i=index: self.patching.pop(i, None))
+
+    def _missing_runs(self, index: int) -> list[tuple[int, int]]:
+        """[start, end) byte runs of the segment's pieces not on disk yet."""
+        start, end = self.geometry.segment_span(index)
+        piece = self.geometry.piece_size
+        runs: list[tuple[int, int]] = []
+        for p in range(start // piece, -(-end // piece)):
+            if self.download.has_piece(p):
+                continue
+            lo, hi = p * piece, min((p + 1) * piece, end)
+            if runs and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi)
+            else:
+                runs.append((lo, hi))
+        return runs
 
     async def _patch_from_upstream(self, index: int) -> None:
         """Fetch the pieces the swarm did not deliver; libtorrent checks each
         against the published hash before it counts."""
+        piece = self.geometry.piece_size
+        first_piece = self.geometry.segment_span(index)[0] // piece
+        for start, end in self._missing_runs(index):
+            try:
+                stream = await self.fleet.upstream.open_blob(self.registry, self.repository,
+                                                             self.download.digest, start, end)
+            except UpstreamError as e:
+                log.warning("upstream patch of %s segment %d failed: %s", self.digest, index, e)
+                return
+            buffer = bytearray()
+            position = start
+            try:
+                async for chunk in stream.chunks():
+                    buffer += chunk
+                    while len(buffer) >= piece or (buffer and position + len(buffer) == end):
+                        n = min(piece, len(buffer))
+                        global_piece = position // piece
+                        if not self.download.has_piece(global_piece):
+                            self.fleet.swarm.add_piece((self.digest, index), global_piece - first_piece,
+                                                       bytes(buffer[:n]))
+                        del buffer[:n]
+                        position += n
+            finally:
+                await stream.close()
+
+    # 5. the first piece a reader waits for, over HTTP -------------------------
+
+    async def _first_piece_over_http(self, index: int, metainfo: bytes) -> None:
+        """libtorrent dials peers on its ~1 s tick and queues behind bulk requests;
+        the piece a client is blocked on is faster as one HTTP range from a
+        holder's agent. It is checked against the published hash, then handed to
+        libtorrent (which checks it again)."""
+        reader = self.fleet.peer_reader
+        if reader is None:
+            return
         start, end = self.geometry.segment_span(index)
         piece = self.geometry.piece_size
-        first_piece = start // piece
-        try:
-            stream = await self.fleet.upstream.open_blob(self.registry, self.repository,
-                                                         self.download.digest, start, end)
-        except UpstreamError as e:
-            log.warning("upstream patch of %s segment %d failed: %s", self.digest, index, e)
+        global_piece = start // piece
+        if self.download.has_piece(global_piece):
             return
-        buffer = bytearray()
-        position = start
-        try:
-            async for chunk in stream.chunks():
-                buffer += chunk
-                while len(buffer) >= piece or (buffer and position + len(buffer) == end):
-                    n = min(piece, len(buffer))
-                    global_piece = position // piece
-                    if not self.download.has_piece(global_piece):
-                        self.fleet.swarm.add_piece((self.digest, index), global_piece - first_piece,
-                                                   bytes(buffer[:n]))
-                    del buffer[:n]
-                    position += n
-        finally:
-            await stream.close()
-        self.swarming[index] = time.monotonic()
+        data = await reader.read(self.download.digest, start, min(start + piece, end))
+        if data is None or self.download.has_piece(global_piece):
+            return
+        expected = piece_hash(metainfo, 0)
+        if expected is None or hashlib.sha1(data).digest() != expected:
+            self.fleet.metrics.piece_hash_failures.inc()
+            return
+        self.fleet.swarm.add_piece((self.digest, index), 0, data)
 
     # Bookkeeping ----------------------------------------------------------
 
@@ -355,6 +409,7 @@ class CooperativeFetch:
         if index in self.done:
             return
         self.done.add(index)
+        self.last_progress = time.monotonic()
         start, end = self.geometry.segment_span(index)
         piece = self.geometry.piece_size
         self.download.mark_pieces(start // piece, -(-end // piece))

@@ -30,7 +30,7 @@ from pathlib import Path
 from fleetp2p.errors import VerificationError
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
-from fleetp2p.store.files import atomic_write, fsync_dir
+from fleetp2p.store.files import atomic_write
 from fleetp2p.store.geometry import Geometry
 from fleetp2p.store.segments import SegmentReader, SegmentWriter
 

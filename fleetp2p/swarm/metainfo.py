@@ -38,6 +38,14 @@ def check_metainfo(metainfo: bytes, index: int, length: int, piece_size: int) ->
         raise ValueError("metainfo piece count does not match the segment length")
 
 
+def piece_hash(metainfo: bytes, piece: int) -> bytes | None:
+    """The published SHA-1 of one piece of a segment."""
+    info = lt.bdecode(metainfo)
+    pieces = info.get(b"pieces", b"") if isinstance(info, dict) else b""
+    digest = pieces[20 * piece:20 * piece + 20]
+    return digest if len(digest) == 20 else None
+
+
 class PieceHasher:
     """SHA-1 of each piece of one segment, fed in order. Not thread-safe; feed it
     from the one worker thread that writes the segment."""

@@ -43,6 +43,9 @@ def session_settings(listen: str) -> dict:
         "active_downloads": -1, "active_seeds": -1, "active_limit": -1, "active_checking": -1,
         "send_buffer_watermark": 8 * 1024 * 1024,
         "max_out_request_queue": 1500,
+        # Outstanding requests per peer ≈ its rate × this: deep queues at a busy seed
+        # put the piece a reader waits for behind seconds of other requests.
+        "request_queue_time": 1,
         "connection_speed": 200,
         "smooth_connects": False,
         "min_reconnect_time": 1,
