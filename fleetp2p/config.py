@@ -106,7 +106,9 @@ class Config:
                               "in the background after its first read")
     zone: str = key("", "topology label: peers in the same zone are preferred")
     rack: str = key("", "topology label: peers in the same rack are preferred")
-    swarm_min_size: str = key("1MiB", "smaller blobs always come straight from upstream")
+    swarm_min_size: str = key("1", "smaller blobs always come straight from upstream (the "
+                              "default swarms every non-empty blob: a fleet fetches even its "
+                              "config blobs once)")
     peer_stall_timeout: float = key(10.0, "seconds without progress from peers before a segment's "
                                     "missing pieces are fetched from upstream")
     registries: list[Registry] = key(None, "upstream registries ([[registries]] tables: name, url, "

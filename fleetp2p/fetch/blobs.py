@@ -91,7 +91,7 @@ class DownloadSource:
 class BlobFetcher:
     def __init__(self, store: BlobStore, upstream: UpstreamClient, metrics: Metrics,
                  geometry: Callable[[int], Geometry] = Geometry.for_size,
-                 fleet: Fleet | None = None, swarm_min_size: int = 1024 * 1024) -> None:
+                 fleet: Fleet | None = None, swarm_min_size: int = 1) -> None:
         self.store = store
         self.geometry = geometry
         self.fleet = fleet

@@ -44,6 +44,7 @@ from tracker.models import BlobRecord
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 10.0
+TRACKER_FAILURES = 3
 PEER_LIMIT = 30
 TICK = 0.5
 
@@ -80,6 +81,7 @@ class CooperativeFetch:
         self.patching: dict[int, asyncio.Task] = {}
         self.fetching: dict[int, asyncio.Task] = {}
         self.tracker_down = False
+        self.tracker_failures = 0  # in a row; a busy tracker may miss one call
         self._wake = asyncio.Event()
         self._failure: BaseException | None = None
         self._waited = False
@@ -143,7 +145,7 @@ class CooperativeFetch:
             key = (self.digest, index)
             self.fleet.swarm.add_segment(key, meta.metainfo, self.directory, seed=False)
             self._keep_metainfo(index, meta.metainfo)
-            self.swarming[index] = time.monotonic()
+            self.swarming[index] = self.last_progress = time.monotonic()
             self.download.segment_sources[index] = "peer"
             self._prioritize(index)
             if index == self.download.written // self.geometry.segment_size:
@@ -194,13 +196,16 @@ class CooperativeFetch:
             grant = await timed(fleet.metrics, "claim", lambda: fleet.tracker.claim(
                 self.digest, fleet.node_id, count=room))
         except TrackerUnavailable as e:
-            log.warning("tracker unreachable while fetching %s (%s); continuing from upstream",
-                        self.digest, e)
-            self.tracker_down = True
+            self.tracker_failures += 1
+            if self.tracker_failures >= TRACKER_FAILURES:
+                log.warning("tracker unreachable while fetching %s (%s); continuing from upstream",
+                            self.digest, e)
+                self.tracker_down = True
             return
         except TrackerError as e:
             log.warning("lease claim for %s refused: %s", self.digest, e)
             return
+        self.tracker_failures = 0
         for index in grant.granted:
             if index not in self.fetching and index not in self.done:
                 self._start_upstream(index, leased=True, ttl=grant.ttl)
@@ -251,6 +256,7 @@ class CooperativeFetch:
             piece = self.geometry.piece_size
 
             def progress(written_to: int) -> None:
+                self.last_progress = time.monotonic()
                 complete_to = written_to if written_to == end else written_to - written_to % piece
                 if complete_to > start:
                     self.download.mark_pieces(start // piece, -(-complete_to // piece))
@@ -298,9 +304,13 @@ class CooperativeFetch:
             try:
                 record = await fleet.tracker.wait(self.digest, self.record.version, POLL_TIMEOUT)
             except TrackerUnavailable:
-                self.tracker_down = True
-                self._wake.set()
-                return
+                self.tracker_failures += 1
+                if self.tracker_failures >= TRACKER_FAILURES:
+                    self.tracker_down = True
+                    self._wake.set()
+                    return
+                await asyncio.sleep(1.0)
+                continue
             except TrackerError:
                 await asyncio.sleep(1.0)
                 continue
