@@ -89,26 +89,38 @@ class LazyBlob:
     # TOC ------------------------------------------------------------------
 
     async def load_toc(self, sources: list[tuple[str, Fetch]]) -> TOC:
+        """Footer and TOC from the first source whose copy verifies: the TOC digest
+        comes from the manifest, so a peer's copy is as good as upstream's."""
         async with self._toc_lock:
             if self.toc is not None:
                 return self.toc
-            location = self.plan.location
-            footer = None
-            if location is None or location.end is None:
-                start, end = self.plan.first_range(self.size)
-                footer = (start, await self._fetch_raw(start, end, sources))
-                location = self.plan.parse_footer(footer[1], self.size)
-            if location.end is None:
-                raise LazyFormatError("the layer's footer does not say where its TOC ends")
-            toc_bytes = await self._fetch_raw(location.offset, location.end, sources)
-            toc = await asyncio.to_thread(self.plan.parse_toc, toc_bytes, location)
-            # The TOC (and footer) are verified now: keep them, clients read them too.
-            await self._keep(location.offset, toc_bytes)
-            if footer is not None:
-                await self._keep(footer[0], footer[1])
-            self._index(toc, location)
-            self.toc = toc
-            return toc
+            failure: Exception | None = None
+            for name, fetch in sources:
+                try:
+                    return await self._load_toc_from(name, fetch)
+                except LazyFormatError as e:
+                    failure = e
+                    log.warning("TOC of %s from %s did not verify: %s", self.digest, name, e)
+            raise failure or FleetError(f"cannot read the TOC of {self.digest}")
+
+    async def _load_toc_from(self, name: str, fetch: Fetch) -> TOC:
+        location = self.plan.location
+        footer = None
+        if location is None or location.end is None:
+            start, end = self.plan.first_range(self.size)
+            footer = (start, await self._fetch_raw(start, end, name, fetch))
+            location = self.plan.parse_footer(footer[1], self.size)
+        if location.end is None:
+            raise LazyFormatError("the layer's footer does not say where its TOC ends")
+        toc_bytes = await self._fetch_raw(location.offset, location.end, name, fetch)
+        toc = await asyncio.to_thread(self.plan.parse_toc, toc_bytes, location)
+        # Verified now: keep footer and TOC, clients read them too.
+        await self._keep(location.offset, toc_bytes, name)
+        if footer is not None:
+            await self._keep(footer[0], footer[1], name)
+        self._index(toc, location)
+        self.toc = toc
+        return toc
 
     def _index(self, toc: TOC, location: TocLocation) -> None:
         for entry in toc.entries:
@@ -154,9 +166,7 @@ class LazyBlob:
                                             f"failed their chunk digest: {e}") from None
                 continue
             self.metrics.lazy_fetched_bytes.labels(name).inc(len(data))
-            await self._keep(start, data)
-            if name == "peer":
-                self.from_peers.add(start, end)
+            await self._keep(start, data, name)
             return
         raise FleetError(f"no source could provide bytes {start}-{end} of {self.digest}")
 
@@ -172,18 +182,19 @@ class LazyBlob:
                         decode_chunk(self.plan.format, data[s - start:e - start], chunk)
             i += 1
 
-    async def _fetch_raw(self, start: int, end: int, sources: list[tuple[str, Fetch]]) -> bytes:
+    async def _fetch_raw(self, start: int, end: int, name: str, fetch: Fetch) -> bytes:
         """Bytes verified by what they contain (footer, TOC), not by chunk digests."""
-        for name, fetch in reversed(sources):  # upstream: the TOC is small, latency matters
-            data = await fetch(start, end)
-            if data is not None and len(data) == end - start:
-                self.metrics.lazy_fetched_bytes.labels(name).inc(len(data))
-                return data
-        raise FleetError(f"cannot read bytes {start}-{end} of {self.digest}")
+        data = await fetch(start, end)
+        if data is None or len(data) != end - start:
+            raise LazyFormatError(f"{name} could not provide bytes {start}-{end}")
+        self.metrics.lazy_fetched_bytes.labels(name).inc(len(data))
+        return data
 
-    async def _keep(self, start: int, data: bytes) -> None:
+    async def _keep(self, start: int, data: bytes, source: str) -> None:
         await asyncio.to_thread(self._writer.pwrite, data, start)
         self.present.add(start, start + len(data))
+        if source == "peer":
+            self.from_peers.add(start, start + len(data))
 
     def close(self, remove: bool = True) -> None:
         self._writer.close()

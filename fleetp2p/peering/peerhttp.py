@@ -77,7 +77,8 @@ class PeerReader:
             return []
         urls = [p.http for p in peers if p.http]
         random.shuffle(urls)
-        self._peers[digest] = (time.monotonic(), urls)
+        if urls:  # an empty answer is not cached: a holder may announce any moment
+            self._peers[digest] = (time.monotonic(), urls)
         return urls
 
     async def _get(self, base: str, digest: Digest, start: int, end: int) -> bytes | None:

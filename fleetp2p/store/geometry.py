@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 from tracker.models import choose_geometry
 
+TARGET_SEGMENTS = 16
+MIN_ADAPTIVE_SEGMENT = 4 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -21,9 +24,19 @@ class Geometry:
 
     @classmethod
     def for_size(cls, size: int, segment_size: int | None = None,
-                 piece_size: int | None = None) -> "Geometry":
-        """The same rule as the tracker's, so a blob fetched while the tracker
-        was down can still be seeded once it is back."""
+                 piece_size: int | None = None, adaptive: bool = False) -> "Geometry":
+        """The tracker's rule (at most 256 segments), so a blob fetched while the
+        tracker was down can still be seeded once it is back.
+
+        `adaptive`: a blob of only a few segments pipelines badly in a cold herd
+        (nobody can swarm a segment before its lease holder finished it), so
+        smaller blobs get smaller segments, down to MIN_ADAPTIVE_SEGMENT, aiming
+        at TARGET_SEGMENTS segments."""
+        if adaptive and segment_size is not None:
+            while segment_size > MIN_ADAPTIVE_SEGMENT and size < TARGET_SEGMENTS * segment_size:
+                segment_size //= 2
+            if piece_size is not None:
+                piece_size = min(piece_size, segment_size)
         segment, piece = choose_geometry(size, segment_size, piece_size)
         return cls(size, segment, piece)
 
