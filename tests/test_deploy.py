@@ -46,7 +46,7 @@ from harness.agent import Agent, metric_sum, parse_metrics
 from harness.containerd import Containerd
 from harness.images import Layout, Pushed, build_image
 from harness.ports import LOOPBACK, free_port, wait_http
-from harness.process import ManagedProcess, run
+from harness.process import ManagedProcess, pid_alive, run
 from harness.registry import Registry
 
 MiB = 1 << 20
@@ -84,16 +84,6 @@ def _tool(name: str, package: str) -> str:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _pids_mentioning(marker: str) -> list[int]:
     """Processes whose command line contains `marker` (a temp dir unique to one test)."""
     pids = []
@@ -119,9 +109,9 @@ def _kill_started_under(marker: str) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
             time.sleep(0.05)
-        pids = [p for p in pids if _alive(p)]
+        pids = [p for p in pids if pid_alive(p)]
         if not pids:
             return
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
-from harness.process import ManagedProcess, run
+from harness.process import ManagedProcess, pid_alive, run
 
 T = TypeVar("T")
 
@@ -85,16 +85,6 @@ def list_namespaces() -> list[str]:
     return [line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _netns_pids(netns: str) -> list[int]:
     out = _ip("netns", "pids", netns, check=False).stdout
     return [int(p) for p in out.split() if p.isdigit()]
@@ -108,7 +98,7 @@ def _kill_pids(pids: Sequence[int]) -> None:
 
 def _stale(name: str) -> bool:
     m = _OURS.match(name)
-    return m is not None and not _pid_alive(int(m.group("pid")))
+    return m is not None and not pid_alive(int(m.group("pid")))
 
 
 def cleanup_stale() -> list[str]:

@@ -97,6 +97,17 @@ class ManagedProcess:
         return data[-tail:].decode(errors="replace")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (one we may not signal still counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run(argv: Sequence[str], *, timeout: float = 120, check: bool = True,
         env: Mapping[str, str] | None = None, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
     """Run a short command; on failure raise with its full output (pytest shows it)."""
