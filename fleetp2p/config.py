@@ -81,9 +81,10 @@ class Config:
         20.0, "seconds without a byte from upstream before a stream is abandoned and resumed with Range")
     upstream_retries: int = key(4, "attempts per upstream request on 429, 5xx and connection errors")
     upstream_backoff: float = key(0.5, "first retry delay in seconds (doubles each attempt, with jitter)")
-    segment_size: str = key("64MiB", "largest blob segment (one torrent each; a power of two): "
-                            "blobs under 16 segments use smaller ones (down to 4MiB), huge "
-                            "blobs larger ones (at most 256 segments)")
+    segment_size: str = key("64MiB", "blob segment (one torrent each; a power of two); huge "
+                            "blobs get larger ones (at most 256 segments)")
+    adaptive_segments: bool = key(True, "blobs under 16 segments get smaller ones (down to 4MiB), "
+                                  "so a cold herd swarms a segment while others are still fetched")
     piece_size: str = key("1MiB", "piece size within a segment (a power of two, >= 16KiB)")
     max_manifest_size: str = key("4MiB", "largest manifest accepted from upstream")
     log_level: str = key("info", "debug, info, warning or error")
@@ -161,7 +162,8 @@ class Config:
         from fleetp2p.store.geometry import Geometry
 
         return Geometry.for_size(size, parse_size(self.segment_size, "segment_size"),
-                                 parse_size(self.piece_size, "piece_size"), adaptive=True)
+                                 parse_size(self.piece_size, "piece_size"),
+                                 adaptive=self.adaptive_segments)
 
     def manifest_limit_bytes(self) -> int:
         return parse_size(self.max_manifest_size, "max_manifest_size")

@@ -112,7 +112,8 @@ def test_lease_holder_killed_midway(scene: Scene, blob: BlobMaker) -> None:
     b = blob("lease", 64 * MiB)
     scene.set_rate([scene.net["registry"]], "200mbit")  # ~2.8 s for the segment
     tracker = scene.tracker(lease_ttl=2.0)
-    agents = scene.start_agents(scene.nodes[:5], tracker.url, segment_size="64MiB")
+    agents = scene.start_agents(scene.nodes[:5], tracker.url, segment_size="64MiB",
+                                adaptive_segments=False)
     mark = scene.upstream.access_log.mark()
     _, pulls = start_pulls([a.host for a in agents], blob_path(b.repo, b.digest), timeout=120)
 
