@@ -135,6 +135,22 @@ class Config:
             return Registry(name=name, url="https://registry-1.docker.io")
         return Registry(name=name, url=f"https://{name}")
 
+    def _check_ports_distinct(self) -> None:
+        """Two listeners on one port fail at startup; say which keys clash now."""
+        ports: dict[int, str] = {}
+        listeners = [("listen", self.listen_port)]
+        if self.tracker != "none":
+            listeners += [("peer_listen", _split_hostport(self.peer_listen, "peer_listen")[1]),
+                          ("peer_http_listen", self.peer_http_hostport[1])]
+        if self.tracker == "embedded":
+            listeners.append(("tracker_listen", _split_hostport(self.tracker_listen, "tracker_listen")[1]))
+        for name, port in listeners:
+            if port and port in ports:
+                raise ConfigError(f"{name}: port {port} is also used by {ports[port]}"
+                                  + (" (peer_http_listen defaults to peer_listen's port + 1)"
+                                     if "peer_http_listen" in (name, ports[port]) else ""))
+            ports[port] = name
+
     @property
     def tracker_url(self) -> str | None:
         if self.tracker == "none":
@@ -201,6 +217,7 @@ class Config:
         parse_size(self.swarm_min_size, "swarm_min_size")
         if self.peer_stall_timeout <= 0:
             raise ConfigError("peer_stall_timeout: must be > 0")
+        self._check_ports_distinct()
         if self.event_loop not in ("asyncio", "uvloop"):
             raise ConfigError(f"event_loop: expected asyncio or uvloop, got {self.event_loop!r}")
         seen = set()
