@@ -83,7 +83,7 @@ class Config:
     upstream_backoff: float = key(0.5, "first retry delay in seconds (doubles each attempt, with jitter)")
     segment_size: str = key("64MiB", "blob segment (one torrent each; a power of two); huge "
                             "blobs get larger ones (at most 256 segments)")
-    adaptive_segments: bool = key(True, "blobs under 16 segments get smaller ones (down to 4MiB), "
+    adaptive_segments: bool = key(False, "blobs under 16 segments get smaller ones (down to 4MiB), "
                                   "so a cold herd swarms a segment while others are still fetched")
     piece_size: str = key("1MiB", "piece size within a segment (a power of two, >= 16KiB)")
     max_manifest_size: str = key("4MiB", "largest manifest accepted from upstream")

@@ -43,10 +43,13 @@ def session_settings(listen: str) -> dict:
         "active_downloads": -1, "active_seeds": -1, "active_limit": -1, "active_checking": -1,
         "send_buffer_watermark": 8 * 1024 * 1024,
         "max_out_request_queue": 1500,
-        # Outstanding requests per peer ≈ its rate × this: deep queues at a busy seed
-        # put the piece a reader waits for behind seconds of other requests.
-        "request_queue_time": 1,
         "connection_speed": 200,
+        # one connection per peer *per segment torrent*: 16 segments × 100 peers
+        # is far past libtorrent's default 200, and a refused connection is a
+        # segment that does not move
+        "connections_limit": 20_000,
+        "listen_queue_size": 512,
+        "peer_turnover": 0,
         "smooth_connects": False,
         "min_reconnect_time": 1,
         "request_timeout": 10, "piece_timeout": 10, "peer_timeout": 30,
