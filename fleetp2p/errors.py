@@ -57,10 +57,6 @@ class BlobUnknown(RegistryError):
     code, status = "BLOB_UNKNOWN", 404
 
 
-class NameUnknown(RegistryError):
-    code, status = "NAME_UNKNOWN", 404
-
-
 class RangeInvalid(RegistryError):
     code, status = "RANGE_INVALID", 416
 

@@ -88,6 +88,28 @@ def test_containerd_second_pull_is_local(request: pytest.FixtureRequest, registr
         assert all(r.username == reg.username for r in reg.token_server.requests if r.status == 200)
 
 
+def test_containerd_through_uvloop_agent(agent_factory: Callable[..., Agent], containerd: Containerd,
+                                         registry_anon: Registry, small_image: Layout,
+                                         pushed: Callable[..., Pushed],
+                                         hosts_dir_for: Callable[..., Path]) -> None:
+    """`event_loop = "uvloop"` serves through its copy path (uvloop has no loop.sendfile):
+    a cold pull, then a re-pull from the store, both byte-exact for containerd."""
+    agent = agent_factory(registry_anon, default=registry_anon, event_loop="uvloop")
+    p = pushed(registry_anon, small_image, "team/uvloop")
+    hosts = hosts_dir_for(agent, registry_anon)
+    want = {b.digest: b.size for b in small_image.image.blobs}
+    mark = registry_anon.access_log.mark()
+    containerd.pull(p.ref, hosts_dir=hosts)
+    assert_fetched_once(registry_anon, mark, want, "containerd")
+    containerd.forget(p.ref)
+    mark = registry_anon.access_log.mark()
+    containerd.pull(p.ref, hosts_dir=hosts)
+    registry_anon.access_log.settle()
+    assert registry_anon.access_log.blob_bytes(mark) == 0
+    up, local = served(agent)
+    assert up + local == 2 * small_image.image.blob_bytes and local == small_image.image.blob_bytes
+
+
 def test_containerd_multiplatform_index(agent: Agent, containerd: Containerd, registry_anon: Registry,
                                         multiplatform_image: Layout, pushed: Callable[..., Pushed],
                                         hosts_dir_for: Callable[..., Path]) -> None:

@@ -9,13 +9,9 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
 
 from fleetp2p import __version__, config
 from fleetp2p.errors import ConfigError, FleetError
-
-Command = Callable[[argparse.Namespace], int]
-
 
 def _agent(args: argparse.Namespace) -> int:
     from fleetp2p.agent import serve

@@ -29,8 +29,7 @@ class Download:
         self.verified = False
         self.error: BaseException | None = None
         self.task: asyncio.Task | None = None
-        self.source = "upstream"  # metrics label of bytes not attributed to a segment
-        self.segment_sources: dict[int, str] = {}
+        self.segment_sources: dict[int, str] = {}  # metrics label per segment; else upstream
         self._pieces = bytearray()
         self._next_piece = 0
         self._waiters: list[asyncio.Future] = []
@@ -75,8 +74,8 @@ class Download:
 
     def label_at(self, offset: int) -> str:
         if not self.segment_sources or self.geometry is None:
-            return self.source
-        return self.segment_sources.get(offset // self.geometry.segment_size, self.source)
+            return "upstream"
+        return self.segment_sources.get(offset // self.geometry.segment_size, "upstream")
 
     def finish(self) -> None:
         self.written = self.size
@@ -99,10 +98,6 @@ class Download:
         await fut
 
     # Reader side ----------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        return self.verified or self.error is not None
 
     async def ready(self) -> int:
         """Wait until the size is known; raises the fetch error if it failed first."""

@@ -92,7 +92,7 @@ class LazyReads:
         sources = self.sources(registry, repository, digest)
         await blob.ensure(ranges, sources)
         if self.peers is not None:
-            self.peers.announce(digest, blob)
+            self.peers.hold(digest)
         self._maybe_prefetch(blob, sources)
         return LazySource(blob)
 

@@ -53,7 +53,7 @@ class PeerReader:
         self._session: aiohttp.ClientSession | None = None
         self._peers: dict[Digest, tuple[float, list[str]]] = {}
 
-    def announce(self, digest: Digest, blob: object) -> None:
+    def hold(self, digest: Digest) -> None:
         """A node holding part of a lazy layer is a (partial) holder of its segment 0."""
         self.announcer.hold_segment(str(digest), 0)
 

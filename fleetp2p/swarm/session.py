@@ -129,9 +129,6 @@ class Swarm:
                 self._listeners.pop(digest, None)
         return unsubscribe
 
-    def has(self, key: SegmentKey) -> bool:
-        return key in self._handles
-
     def add_segment(self, key: SegmentKey, metainfo: bytes, save_path: Path, *, seed: bool) -> None:
         """Start swarming a segment: seeding it from its file (`seed`, already
         verified by us), or downloading into it."""
@@ -184,19 +181,9 @@ class Swarm:
         if handle is not None:
             handle.add_piece(piece, data, 0)
 
-    def have_pieces(self, key: SegmentKey) -> list[bool]:
-        handle = self._handles.get(key)
-        if handle is None:
-            return []
-        return list(handle.status(lt.status_flags_t.query_pieces).pieces)
-
     def peer_count(self, key: SegmentKey) -> int:
         handle = self._handles.get(key)
         return handle.status().num_peers if handle is not None else 0
-
-    def payload_downloaded(self, key: SegmentKey) -> int:
-        handle = self._handles.get(key)
-        return handle.status().total_payload_download if handle is not None else 0
 
     async def read_piece(self, key: SegmentKey, piece: int) -> bytes:
         handle = self._handles.get(key)
