@@ -3,6 +3,7 @@ on its own network namespace with a shaped link (tests/fleet/netns.py).
 
     python bench/fleet.py [--nodes 16] [--size 256MiB] [--link 100mbit] [--upstream-rate RATE]
                           [--segment-size 64MiB] [--piece-size 1MiB] [--phases warm,cold,baseline]
+                          [--trace SECONDS] [-v]
 
 Phases (each with fresh agents, empty stores and a fresh tracker):
   warm      node1 pulls the blob alone first; then the other N-1 pull it at once
@@ -25,10 +26,12 @@ run are removed at the next start.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +115,55 @@ class CpuMeter:
         return 1 - (idle - self._idle) / max(1, total - self._total), agents_s / wall / cores
 
 
+class LinkTrace:
+    """Every node's link use over time (`--trace`): which links sit idle is what
+    tells a slow swarm from a slow machine. Sampled from the bridge ports'
+    counters, so it costs the fleet nothing."""
+
+    def __init__(self, net: Network, interval: float) -> None:
+        self.net, self.interval = net, interval
+        self.rows: list[tuple[float, dict[str, tuple[int, int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "LinkTrace":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> dict[str, tuple[int, int]]:
+        """host → (bytes the host sent, bytes it received)."""
+        ports = {h.bridge_port: name for name, h in self.net.hosts.items()}
+        out = self.net.bridge_run("ip", "-j", "-s", "link", "show").stdout
+        counters = {}
+        for link in json.loads(out):
+            name = ports.get(link.get("ifname", "").split("@")[0])
+            if name is not None:
+                stats = link["stats64"]
+                counters[name] = (stats["rx"]["bytes"], stats["tx"]["bytes"])
+        return counters
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.rows.append((time.monotonic(), self._sample()))
+            self._stop.wait(self.interval)
+
+    def report(self, names: Sequence[str]) -> str:
+        """Mbit/s sent/received per host and interval."""
+        lines = ["  t(s)  " + " ".join(f"{n[-7:]:>11}" for n in names)]
+        for (t0, a), (t1, b) in zip(self.rows, self.rows[1:]):
+            cells = []
+            for n in names:
+                (s0, r0), (s1, r1) = a.get(n, (0, 0)), b.get(n, (0, 0))
+                rate = 8e-6 / max(1e-6, t1 - t0)
+                cells.append(f"{(s1 - s0) * rate:5.0f}/{(r1 - r0) * rate:<5.0f}")
+            lines.append(f"{t1 - self.rows[0][0]:6.1f}  " + " ".join(cells))
+        return "\n".join(lines)
+
+
 def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
               bound_s: float, bound_name: str) -> Phase:
     nodes = scene.nodes
@@ -133,7 +185,11 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
     mark = scene.upstream.access_log.mark()
     cpu = CpuMeter([a.process.pid for a in agents if a.process is not None])
     start_at = time.time() + 1.0 + 0.05 * len(pulling)  # every client interpreter is up by then
-    results = pull_all(pulling, path, delay=start_at - time.time(), timeout=timeout)
+    with LinkTrace(scene.net, args.trace or 3600.0) as trace:
+        results = pull_all(pulling, path, delay=start_at - time.time(), timeout=timeout)
+    if args.trace:
+        print("  link use, Mbit/s sent/received:")
+        print(trace.report(["registry", "tracker", *(h.name for h in nodes)]))
     busy, agents_cpu = cpu.read()
     sent = scene.upstream.blob_bytes(mark, {blob.digest})
     phase = Phase(name, blob.digest, blob.size, results, start_at, bound_s, bound_name, sent, busy,
@@ -200,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="agent setting (default: the agent's own)")
     parser.add_argument("--lease-ttl", type=float, default=15.0, help="tracker lease seconds")
     parser.add_argument("--phases", default="warm,cold,baseline")
+    parser.add_argument("--trace", type=float, default=0.0, metavar="SECONDS",
+                        help="print every link's use at this interval")
     parser.add_argument("-v", "--verbose", action="store_true", help="show agents' stall patches")
     args = parser.parse_args(argv)
     args.upstream_rate = args.upstream_rate or args.link

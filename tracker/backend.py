@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Collection, Mapping, Protocol, Sequence
 
 from tracker.errors import BlobUnknown
 from tracker.models import (AnnounceReply, BlobRecord, Holding, LeaseGrant, LeaseRenewal, Node,
@@ -83,9 +83,13 @@ class Backend(Protocol):
         if it is still the published one (`Conflict` otherwise). Unpublished: unchanged record."""
 
     async def announce(self, node: Node, blobs: Mapping[str, Holding],
-                       removed: Sequence[str] = (), full: bool = False) -> AnnounceReply:
+                       removed: Sequence[str] = (), full: bool = False,
+                       fetching: Collection[str] = ()) -> AnnounceReply:
         """Refresh liveness and set holdings per digest (an empty set drops the digest). `full`
-        replaces every holding of the node; otherwise holdings not mentioned are kept."""
+        replaces every holding of the node; otherwise holdings not mentioned are kept.
+        `fetching` always replaces the node's set of blobs it is downloading: such a node is
+        a swarm peer for every segment of them (libtorrent trades pieces between
+        downloaders), so it is listed by `peers` after the holders."""
 
     async def leave(self, node_id: str) -> bool:
         """Forget a node, its holdings and its leases at once; True if it was known."""
@@ -107,7 +111,8 @@ class Backend(Protocol):
 
 def rank_peers(candidates: list[Peer], limit: int, zone: str | None, rack: str | None,
                rng: random.Random | None = None) -> list[Peer]:
-    """Shuffle, then stable-sort: same zone, then same rack (within that zone), then complete holders.
+    """Shuffle, then stable-sort: same zone, then same rack (within that zone), then complete
+    holders, then partial ones, then downloaders that hold no whole segment yet.
 
     Shuffling first spreads load: without it every node would ask the same
     first few holders. Topology comes before completeness because cross-zone
@@ -117,11 +122,11 @@ def rank_peers(candidates: list[Peer], limit: int, zone: str | None, rack: str |
     pool = list(candidates)
     (rng or random).shuffle(pool)
 
-    def key(p: Peer) -> tuple[bool, bool, bool]:
+    def key(p: Peer) -> tuple[bool, bool, bool, bool]:
         same_zone = zone is not None and p.labels.get("zone") == zone
         same_rack = (rack is not None and p.labels.get("rack") == rack
                      and (zone is None or same_zone))
-        return (not same_zone, not same_rack, not p.complete)
+        return (not same_zone, not same_rack, not p.complete, not p.segments)
 
     pool.sort(key=key)
     return pool[:limit]
@@ -216,11 +221,12 @@ async def wait_for_version(notifier: Notifier, digest: str, since: int, timeout:
 
 
 def make_peer(node: Node, holding: Holding, segment_count: int | None,
-              segment: int | None) -> Peer | None:
-    """A Peer for the answer, or None if it does not hold what was asked (or nothing valid)."""
+              segment: int | None, fetching: bool = False) -> Peer | None:
+    """A Peer for the answer, or None if it neither holds what was asked nor downloads the blob."""
     if holding == "all":
         return Peer(node.node_id, node.host, node.port, node.http, dict(node.labels), True)
     held = sorted(i for i in holding if segment_count is None or i < segment_count)
-    if not held or (segment is not None and segment not in held):
+    if not fetching and (not held or (segment is not None and segment not in held)):
         return None
-    return Peer(node.node_id, node.host, node.port, node.http, dict(node.labels), False, tuple(held))
+    return Peer(node.node_id, node.host, node.port, node.http, dict(node.labels), False,
+                tuple(held), fetching)

@@ -153,12 +153,15 @@ class TrackerClient:
 
     async def announce(self, node: Node,
                        blobs: Mapping[str, Literal["all"] | Iterable[int]] | None = None, *,
-                       removed: Iterable[str] = (), full: bool = False) -> AnnounceReply:
-        """Heartbeat plus holdings. Send `full=True` at start and whenever the reply says `resync`."""
+                       removed: Iterable[str] = (), full: bool = False,
+                       fetching: Iterable[str] = ()) -> AnnounceReply:
+        """Heartbeat plus holdings. Send `full=True` at start and whenever the reply says `resync`.
+        `fetching` is every blob the node downloads now (each announce replaces it)."""
         body = node.to_wire()
         body["blobs"] = {d: h if h == "all" else sorted(h) for d, h in (blobs or {}).items()}
         body["removed"] = list(removed)
         body["full"] = full
+        body["fetching"] = sorted(fetching)
         return _parse(AnnounceReply.from_wire, (await self._call("POST", "/v1/announce", body))[1])
 
     async def leave(self, node_id: str) -> bool:

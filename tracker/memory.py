@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 from tracker.backend import Notifier, Timeouts, make_peer, rank_peers, wait_for_version
 from tracker.errors import BadRequest, BlobUnknown, Conflict
@@ -38,6 +38,8 @@ class MemoryBackend:
         self._holders: dict[str, dict[str, Holding]] = {}     # digest -> node -> holding
         self._nodes: dict[str, tuple[Node, float]] = {}       # node -> (info, expires)
         self._node_blobs: dict[str, set[str]] = {}
+        self._fetchers: dict[str, set[str]] = {}              # digest -> nodes downloading it
+        self._node_fetching: dict[str, set[str]] = {}         # node -> digests it downloads
         self._node_leases: dict[str, set[str]] = {}
         self._notifier = Notifier()
 
@@ -196,7 +198,8 @@ class MemoryBackend:
     # Nodes --------------------------------------------------------------------
 
     async def announce(self, node: Node, blobs: Mapping[str, Holding],
-                       removed: Sequence[str] = (), full: bool = False) -> AnnounceReply:
+                       removed: Sequence[str] = (), full: bool = False,
+                       fetching: Collection[str] = ()) -> AnnounceReply:
         now, ttl = self._clock(), self.timeouts.announce
         previous = self._nodes.get(node.node_id)
         was_live = previous is not None and previous[1] > now
@@ -214,6 +217,7 @@ class MemoryBackend:
                 self._drop_holding(digest, node.node_id)
         for digest in removed:
             self._drop_holding(digest, node.node_id)
+        self._set_fetching(node.node_id, set(fetching))
         return AnnounceReply(ttl, ttl / 2, resync=not was_live and not full)
 
     def _drop_holding(self, digest: str, node_id: str) -> None:
@@ -223,6 +227,18 @@ class MemoryBackend:
             if not holders:
                 del self._holders[digest]
         self._node_blobs.get(node_id, set()).discard(digest)
+
+    def _set_fetching(self, node_id: str, digests: set[str]) -> None:
+        previous = self._node_fetching.pop(node_id, set())
+        for digest in previous - digests:
+            fetchers = self._fetchers.get(digest, set())
+            fetchers.discard(node_id)
+            if not fetchers:
+                self._fetchers.pop(digest, None)
+        for digest in digests:
+            self._fetchers.setdefault(digest, set()).add(node_id)
+        if digests:
+            self._node_fetching[node_id] = digests
 
     async def leave(self, node_id: str) -> bool:
         for digest in self._node_leases.pop(node_id, set()):
@@ -234,6 +250,7 @@ class MemoryBackend:
     def _forget(self, node_id: str) -> bool:
         for digest in list(self._node_blobs.pop(node_id, set())):
             self._drop_holding(digest, node_id)
+        self._set_fetching(node_id, set())
         return self._nodes.pop(node_id, None) is not None
 
     async def peers(self, digest: str, node: str | None = None, segment: int | None = None,
@@ -248,11 +265,14 @@ class MemoryBackend:
             zone = zone if zone is not None else me[0].labels.get("zone")
             rack = rack if rack is not None else me[0].labels.get("rack")
         found = []
-        for holder, holding in self._holders.get(digest, {}).items():
+        holders = self._holders.get(digest, {})
+        fetchers = self._fetchers.get(digest, set())
+        for holder in holders.keys() | fetchers:
             info = self._nodes.get(holder)
             if holder == node or info is None or info[1] <= now:
                 continue
-            peer = make_peer(info[0], holding, count, segment)
+            peer = make_peer(info[0], holders.get(holder, frozenset()), count, segment,
+                             holder in fetchers)
             if peer is not None:
                 found.append(peer)
         return rank_peers(found, limit, zone, rack)

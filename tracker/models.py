@@ -277,7 +277,8 @@ class AnnounceReply:
 
 @dataclass
 class Peer:
-    """A live holder of (part of) a blob. `segments` lists what a partial holder has; empty when complete."""
+    """A live holder of (part of) a blob. `segments` lists what a partial holder has; empty when
+    complete. `fetching`: the node is downloading the blob, so it trades pieces of every segment."""
 
     node_id: str
     host: str
@@ -286,18 +287,21 @@ class Peer:
     labels: dict[str, str]
     complete: bool
     segments: tuple[int, ...] = ()
+    fetching: bool = False
 
     def has(self, index: int) -> bool:
         return self.complete or index in self.segments
 
     def to_wire(self) -> dict[str, Any]:
         return {"node": self.node_id, "host": self.host, "port": self.port, "http": self.http,
-                "labels": self.labels, "complete": self.complete, "segments": list(self.segments)}
+                "labels": self.labels, "complete": self.complete, "segments": list(self.segments),
+                "fetching": self.fetching}
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> "Peer":
         return cls(str(d["node"]), str(d["host"]), int(d["port"]), d.get("http"),
-                   dict(d.get("labels") or {}), bool(d["complete"]), tuple(d.get("segments") or ()))
+                   dict(d.get("labels") or {}), bool(d["complete"]), tuple(d.get("segments") or ()),
+                   bool(d.get("fetching")))
 
 
 @dataclass

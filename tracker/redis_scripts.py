@@ -14,6 +14,8 @@ Key layout (P = prefix; digest and node ids are validated, so no separators leak
   P:node:<node>          msgpack Node (host, port, http, labels)
   P:nodeblobs:<node>     set   digests the node holds (to drop them when it leaves or dies)
   P:nodeleases:<node>    set   digests the node leased (to release them when it leaves)
+  P:fetchers:<digest>    set   nodes downloading the blob (swarm peers without whole segments)
+  P:nodefetch:<node>     set   digests the node downloads (replaced by every announce)
   P:blobs                zset  digest -> last use (ms), for the blobs gauge
   P:ev:<digest>          pub/sub channel, message = new version
 Keys are built inside the scripts, so this needs standalone Redis (or
@@ -52,9 +54,15 @@ local function out_of_range(list, n)
   for _, i in ipairs(list) do if i >= n then return {-1, i, n} end end
   return nil
 end
+local function unfetch(node)
+  local nf = k('nodefetch', node)
+  for _, d in ipairs(redis.call('SMEMBERS', nf)) do redis.call('SREM', k('fetchers', d), node) end
+  redis.call('DEL', nf)
+end
 local function forget(node)
   local nb = k('nodeblobs', node)
   for _, d in ipairs(redis.call('SMEMBERS', nb)) do redis.call('HDEL', k('holders', d), node) end
+  unfetch(node)
   redis.call('DEL', nb, k('node', node))
   return redis.call('ZREM', P .. ':nodes', node)
 end
@@ -256,11 +264,12 @@ redis.call('PUBLISH', k('ev', digest), ver)
 return {1, ver}
 """
 
-# ARGV: P, node, info, announce_ttl_ms, full "0"/"1", nblobs, (digest, holding) * nblobs, removed...
+# ARGV: P, node, info, announce_ttl_ms, full "0"/"1", nblobs, nremoved,
+#       (digest, holding) * nblobs, removed digest * nremoved, fetching digests...
 # -> 1 if the node must resync (was not live and this was not a full announce), else 0
 ANNOUNCE = _PRELUDE + r"""
 local node, ttl, full = ARGV[2], tonumber(ARGV[4]), ARGV[5] == '1'
-local nblobs = tonumber(ARGV[6])
+local nblobs, nremoved = tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
 local nodes = P .. ':nodes'
 local prev = redis.call('ZSCORE', nodes, node)
@@ -270,24 +279,32 @@ redis.call('SET', k('node', node), ARGV[3], 'PX', num(2 * ttl))
 local nb = k('nodeblobs', node)
 if full then
   local keep = {}
-  for j = 0, nblobs - 1 do keep[ARGV[7 + 2 * j]] = true end
+  for j = 0, nblobs - 1 do keep[ARGV[8 + 2 * j]] = true end
   for _, d in ipairs(redis.call('SMEMBERS', nb)) do
     if not keep[d] then redis.call('HDEL', k('holders', d), node) end
   end
   redis.call('DEL', nb)
 end
 for j = 0, nblobs - 1 do
-  local d, h = ARGV[7 + 2 * j], ARGV[8 + 2 * j]
+  local d, h = ARGV[8 + 2 * j], ARGV[9 + 2 * j]
   if h == '' then
     redis.call('HDEL', k('holders', d), node); redis.call('SREM', nb, d)
   else
     redis.call('HSET', k('holders', d), node, h); redis.call('SADD', nb, d)
   end
 end
-for j = 7 + 2 * nblobs, #ARGV do
+local first_removed = 8 + 2 * nblobs
+for j = first_removed, first_removed + nremoved - 1 do
   redis.call('HDEL', k('holders', ARGV[j]), node); redis.call('SREM', nb, ARGV[j])
 end
 redis.call('PEXPIRE', nb, num(2 * ttl))
+local nf = k('nodefetch', node)
+unfetch(node)
+for j = first_removed + nremoved, #ARGV do
+  redis.call('SADD', k('fetchers', ARGV[j]), node); redis.call('SADD', nf, ARGV[j])
+  redis.call('PEXPIRE', k('fetchers', ARGV[j]), num(2 * ttl))
+end
+redis.call('PEXPIRE', nf, num(2 * ttl))
 if was_live or full then return 0 end
 return 1
 """
@@ -308,7 +325,7 @@ return forget(node)
 """
 
 # ARGV: P, digest, caller ("" = none), segment (-1 = any)
-# -> {caller info or "", segment count or -1, node, holding, info, node, holding, info, ...}
+# -> {caller info or "", segment count or -1, (node, holding, fetching "0"/"1", info) ...}
 PEERS = _PRELUDE + r"""
 local digest, caller, seg = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local now = now_ms()
@@ -318,18 +335,34 @@ if caller ~= '' then me = redis.call('GET', k('node', caller)) or '' end
 local n = -1
 if redis.call('EXISTS', blob) == 1 then n = segment_count(blob) end
 local out = {me, n}
+local fkey = k('fetchers', digest)
+local fetching = {}
+for _, node in ipairs(redis.call('SMEMBERS', fkey)) do fetching[node] = true end
+local function live(node)
+  local score = redis.call('ZSCORE', nodes, node)
+  return score and tonumber(score) > now and node ~= caller, score
+end
+local function emit(node, h, f)
+  local info = redis.call('GET', k('node', node))
+  if info then out[#out + 1] = node; out[#out + 1] = h; out[#out + 1] = f; out[#out + 1] = info end
+end
 local flat = redis.call('HGETALL', hkey)
 for j = 1, #flat, 2 do
   local node, h = flat[j], flat[j + 1]
-  local score = redis.call('ZSCORE', nodes, node)
+  local ok, score = live(node)
+  local f = fetching[node] and '1' or '0'
+  fetching[node] = nil
   if not score then
     redis.call('HDEL', hkey, node)
-  elseif tonumber(score) > now and node ~= caller then
-    if seg < 0 or h == '*' or string.find(',' .. h .. ',', ',' .. seg .. ',', 1, true) then
-      local info = redis.call('GET', k('node', node))
-      if info then out[#out + 1] = node; out[#out + 1] = h; out[#out + 1] = info end
-    end
+  elseif ok and (f == '1' or seg < 0 or h == '*'
+                 or string.find(',' .. h .. ',', ',' .. seg .. ',', 1, true)) then
+    emit(node, h, f)
   end
+end
+for node in pairs(fetching) do
+  local ok, score = live(node)
+  if not score then redis.call('SREM', fkey, node)
+  elseif ok then emit(node, '', '1') end
 end
 return out
 """

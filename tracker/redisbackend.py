@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import msgpack
 import redis.asyncio as aioredis
@@ -255,13 +255,14 @@ class RedisBackend:
 
     @_translated
     async def announce(self, node: Node, blobs: Mapping[str, Holding],
-                       removed: Sequence[str] = (), full: bool = False) -> AnnounceReply:
+                       removed: Sequence[str] = (), full: bool = False,
+                       fetching: Collection[str] = ()) -> AnnounceReply:
         ttl = self.timeouts.announce
         args: list[Any] = [node.node_id, msgpack.packb(node.to_wire(), use_bin_type=True),
-                           _ms(ttl), "1" if full else "0", len(blobs)]
+                           _ms(ttl), "1" if full else "0", len(blobs), len(removed)]
         for digest, holding in blobs.items():
             args += [digest, encode_holding(holding)]
-        args += list(removed)
+        args += [*removed, *fetching]
         resync = await self._run("ANNOUNCE", *args)
         return AnnounceReply(ttl, ttl / 2, resync=bool(resync))
 
@@ -282,9 +283,10 @@ class RedisBackend:
             zone = zone if zone is not None else labels.get("zone")
             rack = rack if rack is not None else labels.get("rack")
         found = []
-        for i in range(2, len(r), 3):
-            info = Node(**_node_fields(msgpack.unpackb(r[i + 2], raw=False)))
-            peer = make_peer(info, decode_holding(r[i + 1].decode()), count, segment)
+        for i in range(2, len(r), 4):
+            info = Node(**_node_fields(msgpack.unpackb(r[i + 3], raw=False)))
+            peer = make_peer(info, decode_holding(r[i + 1].decode()), count, segment,
+                             r[i + 2] == b"1")
             if peer is not None:
                 found.append(peer)
         return rank_peers(found, limit, zone, rack)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/msgpack"
 _ACCEPTED_TYPES = {"", CONTENT_TYPE, "application/x-msgpack", "application/octet-stream"}
+MAX_FETCHING = 1024                  # blobs one node downloads at once
 MAX_BODY = 16 * 1024 * 1024          # announces of many blobs, 4 MiB metainfo
 BACKEND = web.AppKey("tracker_backend", object)
 METRICS = web.AppKey("tracker_metrics", TrackerMetrics)
@@ -294,11 +295,15 @@ async def _announce(request: web.Request) -> web.Response:
     node = Node.from_wire(body)
     blobs = body.get("blobs") or {}
     removed = body.get("removed") or []
-    if not isinstance(blobs, dict) or not isinstance(removed, list):
-        raise BadRequest("blobs: expected a map digest -> 'all' | [segments]; removed: a list")
+    fetching = body.get("fetching") or []
+    if not isinstance(blobs, dict) or not isinstance(removed, list) or \
+            not isinstance(fetching, list) or len(fetching) > MAX_FETCHING:
+        raise BadRequest("blobs: expected a map digest -> 'all' | [segments]; removed and "
+                         f"fetching: lists (fetching: at most {MAX_FETCHING})")
     holdings = {check_digest(d): check_holding(h, f"blobs[{d}]") for d, h in blobs.items()}
     reply = await request.config_dict[BACKEND].announce(
-        node, holdings, [check_digest(d) for d in removed], bool(body.get("full")))
+        node, holdings, [check_digest(d) for d in removed], bool(body.get("full")),
+        {check_digest(d) for d in fetching})
     request.config_dict[METRICS].announces.inc()
     return _pack(reply.to_wire())
 

@@ -102,6 +102,7 @@ class CooperativeFetch:
         unsubscribe = self.fleet.swarm.subscribe(self.digest, self._on_event)
         poller = asyncio.create_task(self._poll(), name=f"poll {self.digest[:19]}")
         try:
+            await self.fleet.announcer.join_swarm(self.digest)
             while len(self.done) < self.geometry.segments:
                 if self._failure is not None:
                     raise self._failure

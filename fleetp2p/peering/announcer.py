@@ -31,6 +31,7 @@ class Announcer:
         self.node = node
         self.metrics = metrics
         self.holdings: dict[str, Holding] = {}
+        self.fetching: set[str] = set()  # sent whole with every announce
         self._changed: set[str] = set()
         self._removed: set[str] = set()
         self._full = True
@@ -46,13 +47,26 @@ class Announcer:
 
     def hold_all(self, digest: str) -> None:
         self.holdings[digest] = "all"
+        self.fetching.discard(digest)
         self._mark(digest)
 
     def drop(self, digest: str) -> None:
+        if digest in self.fetching:
+            self.fetching.discard(digest)
+            self._wake.set()
         if self.holdings.pop(digest, None) is not None:
             self._changed.discard(digest)
             self._removed.add(digest)
             self._wake.set()
+
+    async def join_swarm(self, digest: str) -> None:
+        """Announce that this node downloads `digest`, and return once the tracker
+        knows (or could not be told). Downloaders trade pieces with each other, so
+        each must be findable: a node that announces before it asks for peers is
+        seen by every node that asks after it, and sees every node that announced
+        before — so any two simultaneous downloaders are joined by one of them."""
+        self.fetching.add(digest)
+        await self.announce_once()
 
     def _mark(self, digest: str) -> None:
         self._removed.discard(digest)
@@ -75,7 +89,8 @@ class Announcer:
         blobs = self.holdings if full else {d: self.holdings[d] for d in changed if d in self.holdings}
         try:
             reply = await timed(self.metrics, "announce", lambda: self.tracker.announce(
-                self.node, blobs, removed=() if full else removed, full=full))
+                self.node, blobs, removed=() if full else removed, full=full,
+                fetching=self.fetching))
         except (TrackerUnavailable, TrackerError) as e:
             if self.reachable:
                 log.warning("tracker announce failed: %s", e)

@@ -75,7 +75,7 @@ class PeerReader:
                 str(digest), node=self.node_id, limit=10))
         except (TrackerUnavailable, TrackerError):
             return []
-        urls = [p.http for p in peers if p.http]
+        urls = [p.http for p in peers if p.http and (p.complete or p.segments)]
         random.shuffle(urls)
         if urls:  # an empty answer is not cached: a holder may announce any moment
             self._peers[digest] = (time.monotonic(), urls)

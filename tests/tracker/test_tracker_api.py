@@ -74,7 +74,10 @@ async def test_full_flow_through_client(tracker_app, clients):
     assert (await c.wait(d, 0, timeout=1)).version == 1
     rec = await c.withdraw(d, 0, info_hash=info_hash(META[0]))
     assert rec.version == 2 and rec.segments == {}
-    assert await c.leave("a") is True
+    await c.announce(node("c"), {}, fetching=[d])
+    peers = {p.node_id: p for p in await c.peers(d)}
+    assert peers["c"].fetching and not peers["c"].segments and not peers["b"].fetching
+    assert await c.leave("a") is True and await c.leave("c") is True
     assert [p.node_id for p in await c.peers(d)] == ["b"]
 
 
@@ -97,6 +100,7 @@ async def test_errors_are_msgpack_with_codes(tracker_app, clients):
     for bad in (lambda: c.publish(d, 1, "a", META[1]),      # index out of range
                 lambda: c.claim(d, "bad node id"),
                 lambda: c.peers(d, limit=0),
+                lambda: c.announce(node("a"), {}, fetching=["sha256:nothex"]),
                 lambda: c.register(d, 64 * MiB, segment_size=3 * MiB),
                 lambda: c.wait(d, 0, timeout=3600)):
         with pytest.raises(TrackerError) as e:

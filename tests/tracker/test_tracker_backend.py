@@ -180,6 +180,29 @@ async def test_announce_and_peer_selection(make_backend):
         await b.peers(d, segment=4)
 
 
+async def test_downloaders_are_swarm_peers_after_holders(make_backend):
+    b = await make_backend()
+    d, other = dg("fetching"), dg("elsewhere")
+    await b.register(d, 4 * 64 * MiB)
+    await b.announce(node("seed"), {d: ALL})
+    await b.announce(node("part"), {d: frozenset({1})}, fetching=[d])
+    await b.announce(node("new"), {}, fetching=[d, other])
+    await b.announce(node("me"), {}, fetching=[d])
+    peers = await b.peers(d, "me", segment=2)       # nobody but the seed holds segment 2
+    assert [p.node_id for p in peers] == ["seed", "part", "new"]
+    assert [p.fetching for p in peers] == [False, True, True]
+    assert peers[2].segments == () and not peers[2].has(2)
+    assert [p.node_id for p in await b.peers(other)] == ["new"]
+    await b.announce(node("new"), {})                # every announce replaces the fetching set
+    await b.announce(node("part"), {d: frozenset({1})})
+    assert [p.node_id for p in await b.peers(d, "me", segment=2)] == ["seed"]
+    assert [p.node_id for p in await b.peers(d, "me", segment=1)] == ["seed", "part"]
+    assert await b.peers(other) == []
+    await b.announce(node("gone"), {}, fetching=[d])
+    await b.leave("gone")
+    assert "gone" not in {p.node_id for p in await b.peers(d)}
+
+
 async def test_peer_sample_is_random(make_backend):
     b = await make_backend()
     d = dg("random")
