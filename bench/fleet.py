@@ -196,7 +196,8 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
                   agents_cpu)
     if args.verbose:
         for a in agents:
-            stalls = [line for line in a.log(400_000).splitlines() if "stalled" in line]
+            stalls = [line for line in a.log(400_000).splitlines()
+                      if "no progress" in line or "no holder" in line or "Traceback" in line]
             if stalls:
                 print(f"  {a.host.name}: {len(stalls)} stall patches, e.g. {stalls[0][:160]}")
     return phase

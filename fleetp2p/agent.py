@@ -130,7 +130,7 @@ class Agent:
 
     async def _start_peer_site(self) -> int:
         """Other nodes reach only this small app, never the mirror or the admin API."""
-        lookup = peerhttp.store_lookup(self.store, self.lazy.blob)
+        lookup = peerhttp.store_lookup(self.store, self.lazy.blob, self.blobs.download)
         runner = web.AppRunner(peerhttp.peer_app(lookup, self.metrics, self.config.tracker_token or None),
                                access_log=None)
         await runner.setup()

@@ -107,6 +107,9 @@ class BlobFetcher:
     def is_inflight(self, digest: Digest) -> bool:
         return digest in self._inflight
 
+    def download(self, digest: Digest) -> Download | None:
+        return self._inflight.get(digest)
+
     def inflight(self) -> list[Download]:
         return list(self._inflight.values())
 

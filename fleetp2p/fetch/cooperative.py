@@ -2,8 +2,10 @@
 metainfo is published, from upstream under a tracker lease where it is not.
 
 Read top to bottom, a node wanting a cold blob:
-1. starts a torrent for every segment whose metainfo is published, and asks
-   the tracker which peers hold it;
+1. starts a torrent for every segment whose metainfo is published, and gives
+   it the peers the tracker knows: holders and other downloaders (while the
+   holders are few, this node fetches its stripe of pieces from them over
+   HTTP and trades with the downloaders only: see stripes.py);
 2. claims a lease on an unpublished segment and fetches it from upstream with
    a Range request, hashing pieces as they stream, then seeds it and
    publishes its metainfo, so the rest of the fleet can swarm it at once;
@@ -28,6 +30,7 @@ from pathlib import Path
 from fleetp2p.errors import UpstreamError
 from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.receive import receive
+from fleetp2p.fetch.stripes import Stripes, scarce
 from fleetp2p.metrics import Metrics
 from fleetp2p.peering.announcer import Announcer
 from fleetp2p.peering.peerhttp import PeerReader
@@ -39,13 +42,16 @@ from fleetp2p.swarm.metainfo import check_metainfo, piece_hash
 from fleetp2p.upstream import UpstreamClient
 from tracker.client import TrackerClient
 from tracker.errors import TrackerError, TrackerUnavailable
-from tracker.models import BlobRecord
+from tracker.models import BlobRecord, Peer
 
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 10.0
 TRACKER_FAILURES = 3
 PEER_LIMIT = 30
+PEER_REFRESH = 2.0       # first re-ask for peers after this, then doubling…
+PEER_REFRESH_MAX = 30.0  # …up to this
+SEGMENT_IDLE = 2.0       # seconds without a piece before a striped segment asks its holders
 TICK = 0.5
 
 
@@ -88,6 +94,12 @@ class CooperativeFetch:
         self.writer: SegmentWriter | None = None
         self._background: set[asyncio.Task] = set()
         self.last_progress = time.monotonic()
+        self.peers: list[Peer] = []
+        self._peers_at = 0.0
+        self._peers_interval = PEER_REFRESH / 2
+        self._refreshing: asyncio.Task | None = None
+        self.stripes: Stripes | None = None
+        self.holders_connected: set[int] = set()
 
     @property
     def directory(self) -> Path:
@@ -99,6 +111,9 @@ class CooperativeFetch:
         self.writer = await asyncio.to_thread(self.fleet.store.new_partial, self.download.digest,
                                             self.geometry)
         self.download.set_geometry(self.geometry)
+        if self.fleet.peer_reader is not None:
+            self.stripes = Stripes(self.fleet.swarm, self.fleet.peer_reader, self.download,
+                                   self.geometry, self.fleet.node_id)
         unsubscribe = self.fleet.swarm.subscribe(self.digest, self._on_event)
         poller = asyncio.create_task(self._poll(), name=f"poll {self.digest[:19]}")
         try:
@@ -126,6 +141,10 @@ class CooperativeFetch:
             raise
         finally:
             poller.cancel()
+            if self._refreshing is not None:
+                self._refreshing.cancel()
+            if self.stripes is not None:
+                self.stripes.cancel()
             unsubscribe()
             for task in [*self.fetching.values(), *self.patching.values()]:
                 task.cancel()
@@ -148,34 +167,73 @@ class CooperativeFetch:
             self._keep_metainfo(index, meta.metainfo)
             self.swarming[index] = self.last_progress = time.monotonic()
             self.download.segment_sources[index] = "peer"
-            self._prioritize(index)
             if index == self.download.written // self.geometry.segment_size:
                 self._spawn(self._first_piece_over_http(index, meta.metainfo))
-            self._spawn(self._connect_peers(index))
+            self._connect(index)
+            self._refresh_peers_soon()
 
-    def _prioritize(self, index: int) -> None:
-        """Readers consume the blob in order: ask for the first pieces first."""
-        pieces = min(8, self.geometry.pieces_in(index))
-        deadline = 0 if index == self.download.written // self.geometry.segment_size else 2000
-        self.fleet.swarm.prioritize((self.digest, index), list(range(pieces)), deadline)
+    def _refresh_peers_soon(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh_peers())
 
-    async def _connect_peers(self, index: int) -> None:
+    async def _refresh_peers(self) -> None:
+        """One peer list per blob (not per segment: a fleet of thousands pulling a
+        blob of hundreds of segments would flood the tracker), refreshed with a
+        growing interval so newcomers join the swarm."""
         fleet = self.fleet
+        self._peers_at = time.monotonic()
+        self._peers_interval = min(PEER_REFRESH_MAX, self._peers_interval * 2)
         try:
-            peers = await timed(fleet.metrics, "peers", lambda: fleet.tracker.peers(
-                self.digest, node=fleet.node_id, segment=index, limit=PEER_LIMIT,
+            self.peers = await timed(fleet.metrics, "peers", lambda: fleet.tracker.peers(
+                self.digest, node=fleet.node_id, limit=PEER_LIMIT,
                 zone=fleet.labels.get("zone"), rack=fleet.labels.get("rack")))
         except (TrackerUnavailable, TrackerError) as e:
-            log.debug("peer list for %s/%d: %s", self.digest, index, e)
+            log.debug("peer list for %s: %s", self.digest, e)
             return
-        fleet.swarm.connect((self.digest, index), [(p.host, p.port) for p in peers])
+        for index in self.swarming:
+            if index not in self.done:
+                self._connect(index)
+
+    def _connect(self, index: int) -> None:
+        """Give libtorrent the segment's peers: holders and other downloaders, or
+        only the downloaders while this node fetches its stripe from scarce holders."""
+        holders = [p for p in self.peers if p.has(index)]
+        downloaders = {p.node_id for p in self.peers if p.fetching and not p.has(index)}
+        key = (self.digest, index)
+        stripes = self.stripes
+        if stripes is not None:
+            if stripes.started(index):
+                stripes.join(index, downloaders)
+            elif scarce(len(holders), len(downloaders) + 1):
+                stripes.start(index, downloaders)
+                if index in self.holders_connected:  # connected before the others showed up
+                    self.holders_connected.discard(index)
+                    self.fleet.swarm.disconnect(key)
+        peers = [p for p in self.peers if p.fetching and not p.has(index)]
+        if stripes is None or not stripes.started(index) or index in self.holders_connected:
+            peers += holders
+            self.holders_connected.add(index)
+        self.fleet.swarm.connect(key, [(p.host, p.port) for p in peers])
+
+    def _connect_holders_when_idle(self, now: float) -> None:
+        """A finished stripe does not connect to the holders at once: its pieces
+        still spread, and asking the holders for others' stripes duplicates them.
+        Only a segment that stops progressing (a member left, or its reads
+        failed) needs the holders' own uplinks."""
+        for index, progress in self.swarming.items():
+            if index in self.done or index in self.holders_connected or self.stripes is None \
+                    or self.stripes.active(index) or now - progress < SEGMENT_IDLE:
+                continue
+            self.holders_connected.add(index)
+            self.fleet.swarm.connect((self.digest, index),
+                                     [(p.host, p.port) for p in self.peers if p.has(index)])
 
     def _on_event(self, event: SwarmEvent) -> None:
         index = event.key[1]
         if index not in self.swarming:
             return
         if isinstance(event, PieceFinished):
-            self.last_progress = time.monotonic()
+            self.last_progress = self.swarming[index] = time.monotonic()
             first = index * self.geometry.segment_size // self.geometry.piece_size
             self.download.mark_pieces(first + event.piece, first + event.piece + 1)
         elif isinstance(event, SegmentFinished):
@@ -328,11 +386,10 @@ class CooperativeFetch:
         come from upstream, one segment at a time."""
         now = time.monotonic()
         timeout = self.fleet.peer_stall_timeout
-        for index, added in self.swarming.items():
-            if index not in self.done and now - added > timeout / 3 and \
-                    self.fleet.swarm.peer_count((self.digest, index)) == 0:
-                self.swarming[index] = now  # ask again in a while, not every tick
-                self._spawn(self._connect_peers(index))
+        if any(i not in self.done for i in self.swarming) and \
+                now - self._peers_at > self._peers_interval:
+            self._refresh_peers_soon()
+        self._connect_holders_when_idle(now)
         idle = now - self.last_progress
         if self.patching or idle <= timeout:
             return
@@ -405,7 +462,7 @@ class CooperativeFetch:
         global_piece = start // piece
         if self.download.has_piece(global_piece):
             return
-        data = await reader.read(self.download.digest, start, min(start + piece, end))
+        data = await reader.read(self.download.digest, start, min(start + piece, end), segment=index)
         if data is None or self.download.has_piece(global_piece):
             return
         expected = piece_hash(metainfo, 0)

@@ -72,6 +72,14 @@ class Download:
     def has_piece(self, piece: int) -> bool:
         return bool(self._pieces[piece])
 
+    def covers(self, start: int, end: int) -> bool:
+        """Every piece touching bytes [start, end) is on disk, hash-checked (from a
+        peer) or hashed while streaming from upstream: safe to serve to peers."""
+        if self.geometry is None or not 0 <= start < end <= self.size:
+            return False
+        piece = self.geometry.piece_size
+        return all(self._pieces[start // piece:-(-end // piece)])
+
     def label_at(self, offset: int) -> str:
         if not self.segment_sources or self.geometry is None:
             return "upstream"

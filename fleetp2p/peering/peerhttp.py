@@ -31,7 +31,7 @@ from tracker.errors import TrackerError, TrackerUnavailable
 
 log = logging.getLogger(__name__)
 
-PEER_TIMEOUT = 3.0
+PEER_TIMEOUT = 3.0  # without a byte moving: a busy holder is slow, not dead
 PEERS_TTL = 5.0
 MAX_PEER_RANGE = 64 * 1024 * 1024
 PEERS_TO_TRY = 3
@@ -51,39 +51,44 @@ class PeerReader:
         self.metrics = metrics
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
-        self._peers: dict[Digest, tuple[float, list[str]]] = {}
+        self._peers: dict[tuple[Digest, int | None], tuple[float, list[str]]] = {}
 
     def hold(self, digest: Digest) -> None:
         """A node holding part of a lazy layer is a (partial) holder of its segment 0."""
         self.announcer.hold_segment(str(digest), 0)
 
-    async def read(self, digest: Digest, start: int, end: int) -> bytes | None:
+    async def read(self, digest: Digest, start: int, end: int,
+                   segment: int | None = None) -> bytes | None:
+        """The bytes from some holder (of `segment`, when given), unverified; None if
+        no holder answered with all of them."""
         if end - start > MAX_PEER_RANGE:
             return None
-        for url in (await self._holders(digest))[:PEERS_TO_TRY]:
+        for url in (await self._holders(digest, segment))[:PEERS_TO_TRY]:
             data = await self._get(url, digest, start, end)
             if data is not None:
                 return data
         return None
 
-    async def _holders(self, digest: Digest) -> list[str]:
-        cached = self._peers.get(digest)
+    async def _holders(self, digest: Digest, segment: int | None) -> list[str]:
+        cached = self._peers.get((digest, segment))
         if cached is not None and time.monotonic() - cached[0] < PEERS_TTL:
             return cached[1]
         try:
             peers = await timed(self.metrics, "peers", lambda: self.tracker.peers(
-                str(digest), node=self.node_id, limit=10))
+                str(digest), node=self.node_id, segment=segment, limit=10))
         except (TrackerUnavailable, TrackerError):
             return []
-        urls = [p.http for p in peers if p.http and (p.complete or p.segments)]
+        urls = [p.http for p in peers if p.http and (
+            p.has(segment) if segment is not None else p.complete or p.segments)]
         random.shuffle(urls)
         if urls:  # an empty answer is not cached: a holder may announce any moment
-            self._peers[digest] = (time.monotonic(), urls)
+            self._peers[(digest, segment)] = (time.monotonic(), urls)
         return urls
 
     async def _get(self, base: str, digest: Digest, start: int, end: int) -> bytes | None:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT))
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=PEER_TIMEOUT, sock_read=PEER_TIMEOUT))
         headers = {**self._headers, "Range": f"bytes={start}-{end - 1}"}
         try:
             async with self._session.get(f"{base}/peer/v1/blobs/{digest}", headers=headers) as resp:
@@ -129,6 +134,8 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
         reader = found[0]()
         try:
             data = await asyncio.to_thread(reader.read, first, last - first + 1)
+        except OSError:  # an unfinished download went away meanwhile
+            return web.Response(status=404)
         finally:
             reader.close()
         metrics.peer_served_bytes.inc(len(data))
@@ -141,13 +148,19 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     return app
 
 
-def store_lookup(store: BlobStore, lazy_blob: Callable) -> Lookup:
-    """Verified bytes this node has: a complete blob, or verified parts of a lazy one."""
+def store_lookup(store: BlobStore, lazy_blob: Callable, download: Callable) -> Lookup:
+    """Verified bytes this node has: a complete blob, the finished pieces of one
+    it is still fetching (what a fleet swarms from a segment's first holder), or
+    verified parts of a lazy one."""
 
     def lookup(digest: Digest, start: int, end: int):
         entry = store.get(digest)
         if entry is not None:
             return entry.reader, entry.size
+        fetching = download(digest)
+        if fetching is not None and fetching.size >= 0 and \
+                (end <= start or fetching.covers(start, end)):
+            return fetching.reader, fetching.size
         blob = lazy_blob(digest)
         if blob is not None and (end <= start or blob.present.covers(start, end)):
             return blob.reader, blob.size

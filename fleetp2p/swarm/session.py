@@ -14,6 +14,7 @@ the session.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -55,6 +56,7 @@ def session_settings(listen: str) -> dict:
         "request_timeout": 10, "piece_timeout": 10, "peer_timeout": 30,
         "user_agent": "fleetp2p",
         "alert_queue_size": 100_000,
+        **json.loads(os.environ.get("FLEETP2P_LT_EXPERIMENT", "{}")),
         "alert_mask": (lt.alert_category.status | lt.alert_category.error
                        | lt.alert_category.storage | lt.alert_category.piece_progress
                        | lt.alert_category.stats),
@@ -146,6 +148,13 @@ class Swarm:
         self._handles[key] = handle
         self._keys[str(handle.info_hash())] = key
 
+    def disconnect(self, key: SegmentKey) -> None:
+        """Drop every connection of a segment's torrent (its pieces stay)."""
+        handle = self._handles.get(key)
+        if handle is not None:
+            handle.pause()
+            handle.resume()
+
     def remove_segment(self, key: SegmentKey) -> None:
         handle = self._handles.pop(key, None)
         if handle is None or self._session is None:
@@ -166,14 +175,6 @@ class Swarm:
                 handle.connect_peer((host, port))
             except RuntimeError as e:  # e.g. the torrent is being removed
                 log.debug("connect_peer %s:%d failed: %s", host, port, e)
-
-    def prioritize(self, key: SegmentKey, pieces: list[int], deadline_ms: int = 0) -> None:
-        """Pieces an active reader needs next: libtorrent requests them first."""
-        handle = self._handles.get(key)
-        if handle is None:
-            return
-        for n, piece in enumerate(pieces):
-            handle.set_piece_deadline(piece, deadline_ms + 20 * n)
 
     def add_piece(self, key: SegmentKey, piece: int, data: bytes) -> None:
         """Inject a piece fetched elsewhere (upstream); libtorrent hash-checks it."""

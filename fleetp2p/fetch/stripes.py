@@ -1,0 +1,106 @@
+"""While a segment's holders are few, each of its pieces leaves them once.
+
+A segment that one node holds and fifteen download is bound by that node's
+uplink. BitTorrent's rarest-first cannot see what other downloaders have
+*requested*, so several of them ask the holder for the same piece at once:
+on the 16-node bench the lone seed sent 2.2–2.5 copies of the blob before
+its last piece had left it once, and the fleet waited for that piece.
+(libtorrent's super-seeding is meant for this, but in 2.0/2.1 it offers the
+first piece only after 10 s: the offer made during the handshake is dropped.)
+
+So while holders are scarce the downloaders split the segment's pieces among
+themselves by rendezvous hashing (a piece belongs to the member with the
+highest hash of piece and member id: every member computes the same owner,
+and a newcomer takes pieces from others without reshuffling the rest). Each
+fetches its share from the holders over HTTP and hands it to libtorrent,
+which checks it against the published piece hash; BitTorrent runs among the
+downloaders only, so every piece leaves a holder about once and then spreads
+at the downloaders' combined rate. A member whose share is done, or whose
+reads failed (holder gone, nobody answering), connects to the holders like
+any peer once the segment stops progressing: pieces a vanished member never
+fetched still arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+
+from fleetp2p.fetch.download import Download
+from fleetp2p.peering.peerhttp import PeerReader
+from fleetp2p.store import Geometry
+from fleetp2p.swarm import Swarm
+
+log = logging.getLogger(__name__)
+
+STRIPE_RATIO = 4      # stripe when a segment's downloaders outnumber its holders this many times
+CONCURRENT_READS = 2  # per blob: enough to keep a holder busy, little memory on its side
+
+
+def scarce(holders: int, downloaders: int) -> bool:
+    """`downloaders` counts this node too."""
+    return holders > 0 and downloaders > STRIPE_RATIO * holders
+
+
+def owner(digest: str, index: int, piece: int, members: set[str]) -> str:
+    def score(member: str) -> bytes:
+        return hashlib.blake2b(f"{digest}/{index}/{piece}/{member}".encode(), digest_size=8).digest()
+    return max(members, key=score)
+
+
+class Stripes:
+    def __init__(self, swarm: Swarm, reader: PeerReader, download: Download, geometry: Geometry,
+                 node_id: str) -> None:
+        self.swarm = swarm
+        self.reader = reader
+        self.download = download
+        self.digest = str(download.digest)
+        self.geometry = geometry
+        self.node_id = node_id
+        self.members: dict[int, set[str]] = {}
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._reads = asyncio.Semaphore(CONCURRENT_READS)
+
+    def active(self, index: int) -> bool:
+        task = self._tasks.get(index)
+        return task is not None and not task.done()
+
+    def started(self, index: int) -> bool:
+        return index in self._tasks
+
+    def start(self, index: int, members: set[str]) -> None:
+        """Fetch this node's share of segment `index`."""
+        self.members[index] = members | {self.node_id}
+        self._tasks[index] = asyncio.create_task(self._fetch_share(index),
+                                                 name=f"stripe {index} of {self.digest[:19]}")
+
+    def join(self, index: int, members: set[str]) -> None:
+        """Newly seen downloaders take their pieces from the rest of the share."""
+        if index in self.members:
+            self.members[index] |= members
+
+    def cancel(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+
+    async def _fetch_share(self, index: int) -> None:
+        start, end = self.geometry.segment_span(index)
+        piece_size = self.geometry.piece_size
+        first = start // piece_size
+        key = (self.digest, index)
+        for piece in range(self.geometry.pieces_in(index)):
+            if self.download.has_piece(first + piece) or \
+                    owner(self.digest, index, piece, self.members[index]) != self.node_id:
+                continue
+            lo = start + piece * piece_size
+            hi = min(lo + piece_size, end)
+            async with self._reads:
+                if self.download.has_piece(first + piece):
+                    continue
+                data = await self.reader.read(self.download.digest, lo, hi, segment=index)
+            if data is None:
+                log.info("no holder of %s segment %d answered for piece %d; swarming the rest",
+                         self.digest, index, piece)
+                return
+            self.swarm.add_piece(key, piece, data)  # libtorrent checks the piece hash
