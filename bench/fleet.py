@@ -167,7 +167,8 @@ class LinkTrace:
 def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
               bound_s: float, bound_name: str) -> Phase:
     nodes = scene.nodes
-    tracker = "none" if name == "baseline" else scene.tracker(lease_ttl=args.lease_ttl).url
+    tracker = "none" if name == "baseline" else scene.tracker(lease_ttl=args.lease_ttl,
+                                                                  lease_limit=args.lease_limit).url
     settings = {"segment_size": args.segment_size, "piece_size": args.piece_size,
                 "log_level": "info"}
     if args.peer_stall_timeout is not None:
@@ -196,10 +197,11 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
                   agents_cpu)
     if args.verbose:
         for a in agents:
-            stalls = [line for line in a.log(400_000).splitlines()
-                      if "no progress" in line or "no holder" in line or "Traceback" in line]
-            if stalls:
-                print(f"  {a.host.name}: {len(stalls)} stall patches, e.g. {stalls[0][:160]}")
+            lines = a.log(400_000).splitlines()
+            for kind in ("no progress", "no holder", "peer http", "Traceback", "ERROR"):
+                notes = [line for line in lines if kind in line]
+                if notes:
+                    print(f"  {a.host.name}: {len(notes)} × {kind!r}, e.g. {notes[0][:240]}")
     return phase
 
 
@@ -256,10 +258,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--peer-stall-timeout", type=float, default=None,
                         help="agent setting (default: the agent's own)")
     parser.add_argument("--lease-ttl", type=float, default=15.0, help="tracker lease seconds")
+    parser.add_argument("--lease-limit", type=int, default=None,
+                        help="tracker setting: leases per blob at once (default: the tracker's own)")
     parser.add_argument("--phases", default="warm,cold,baseline")
     parser.add_argument("--trace", type=float, default=0.0, metavar="SECONDS",
                         help="print every link's use at this interval")
-    parser.add_argument("-v", "--verbose", action="store_true", help="show agents' stall patches")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show agents' stall patches and errors")
     args = parser.parse_args(argv)
     args.upstream_rate = args.upstream_rate or args.link
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]

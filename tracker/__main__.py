@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 
+from tracker.backend import Timeouts
 from tracker.run import run
 
 
@@ -23,10 +24,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", default=None, help="read the token from this file")
     parser.add_argument("--lease-ttl", type=float, default=15.0, help="segment fetch lease seconds")
     parser.add_argument("--announce-ttl", type=float, default=30.0, help="node liveness seconds")
+    parser.add_argument("--lease-limit", type=int, default=Timeouts.lease_limit,
+                        help="live upstream-fetch leases per blob at once (0: no limit); "
+                             "about upstream rate / node link rate")
     parser.add_argument("--log-level", default="info")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.lease_limit < 0:
+        raise SystemExit("fleetp2p tracker: --lease-limit must be 0 (no limit) or more")
     token = args.token
     if args.token_file:
         with open(args.token_file, encoding="utf-8") as f:
@@ -34,7 +40,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
         run(args.listen, args.redis, token, lease_ttl=args.lease_ttl,
-            announce_ttl=args.announce_ttl, redis_prefix=args.redis_prefix)
+            announce_ttl=args.announce_ttl, lease_limit=args.lease_limit,
+            redis_prefix=args.redis_prefix)
     except ValueError as e:  # a bad --listen
         raise SystemExit(f"fleetp2p tracker: {e}") from None
     return 0

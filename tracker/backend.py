@@ -31,11 +31,17 @@ class Timeouts:
     announce: a node is live this long after its last announce.
     blob: a blob record (and its metainfo) is forgotten this long after its
     last use, so the tracker does not grow forever.
+    lease_limit: at most this many live leases per blob (0: no limit). Every
+    node must receive the whole blob over its own link anyway, so fetching
+    more segments from upstream at once than upstream rate / node link rate
+    only makes them all arrive late together; segments leased a few at a
+    time are published early and spread while the next ones arrive.
     """
 
     lease: float = 15.0
     announce: float = 30.0
     blob: float = 7 * 24 * 3600.0
+    lease_limit: int = 2
 
 
 class Backend(Protocol):
@@ -110,9 +116,10 @@ class Backend(Protocol):
 
 
 def rank_peers(candidates: list[Peer], limit: int, zone: str | None, rack: str | None,
-               rng: random.Random | None = None) -> list[Peer]:
-    """Shuffle, then stable-sort: same zone, then same rack (within that zone), then complete
-    holders, then partial ones, then downloaders that hold no whole segment yet.
+               rng: random.Random | None = None, segment: int | None = None) -> list[Peer]:
+    """Shuffle, then stable-sort: holders of `segment` (of anything, without one) before
+    mere downloaders, then same zone, then same rack (within that zone), then complete
+    holders, then partial ones.
 
     Shuffling first spreads load: without it every node would ask the same
     first few holders. Topology comes before completeness because cross-zone
@@ -122,11 +129,12 @@ def rank_peers(candidates: list[Peer], limit: int, zone: str | None, rack: str |
     pool = list(candidates)
     (rng or random).shuffle(pool)
 
-    def key(p: Peer) -> tuple[bool, bool, bool, bool]:
+    def key(p: Peer) -> tuple[bool, bool, bool, bool, bool]:
+        holds = p.has(segment) if segment is not None else p.complete or bool(p.segments)
         same_zone = zone is not None and p.labels.get("zone") == zone
         same_rack = (rack is not None and p.labels.get("rack") == rack
                      and (zone is None or same_zone))
-        return (not same_zone, not same_rack, not p.complete, not p.segments)
+        return (not holds, not same_zone, not same_rack, not p.complete, not p.segments)
 
     pool.sort(key=key)
     return pool[:limit]

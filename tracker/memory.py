@@ -102,8 +102,11 @@ class MemoryBackend:
                 blob.leases[i] = (node, now + ttl)
                 granted.append(i)
                 renewed.append(i)
-        for i in want:                       # then: free segments, up to count
-            if len(granted) >= count:
+        limit = self.timeouts.lease_limit or len(want) + len(blob.leases)
+        others = sum(1 for i, (n, exp) in blob.leases.items()
+                     if n != node and exp > now and i not in record.segments)
+        for i in want:                       # then: free segments, up to count and the limit
+            if len(granted) >= count or others + len(granted) >= limit:
                 break
             lease = blob.leases.get(i)
             if lease and (lease[0] == node or lease[1] > now):
@@ -275,7 +278,7 @@ class MemoryBackend:
                              holder in fetchers)
             if peer is not None:
                 found.append(peer)
-        return rank_peers(found, limit, zone, rack)
+        return rank_peers(found, limit, zone, rack, segment=segment)
 
     # Long-poll, housekeeping ----------------------------------------------------
 

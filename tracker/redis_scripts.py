@@ -88,7 +88,8 @@ if #flat > 0 then touch(blob, ARGV[2], tonumber(ARGV[3]), now_ms()) end
 return flat
 """
 
-# ARGV: P, digest, node, lease_ttl_ms, count, blob_ttl_ms, want ("*" or "3,1,2" in priority order)
+# ARGV: P, digest, node, lease_ttl_ms, count, blob_ttl_ms, want ("*" or "3,1,2" in priority order),
+#       lease limit per blob (0 = none)
 # -> false | {-1, i, n} | {1, granted, renewed, reclaimed, {{i, holder}...}, version}
 CLAIM = _PRELUDE + r"""
 local digest, node = ARGV[2], ARGV[3]
@@ -117,8 +118,13 @@ for _, i in ipairs(want) do
     granted[#granted + 1] = i; renewed[#renewed + 1] = i; mine[i] = true
   end
 end
+local limit, others = tonumber(ARGV[8]), 0
+for i, v in pairs(lease) do
+  local holder, exp = split_lease(v)
+  if holder ~= node and exp > now and not published(i) then others = others + 1 end
+end
 for _, i in ipairs(want) do
-  if #granted >= count then break end
+  if #granted >= count or (limit > 0 and others + #granted >= limit) then break end
   if not mine[i] and not published(i) then
     local v = lease[i]
     local free, expired = true, false

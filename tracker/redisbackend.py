@@ -196,7 +196,7 @@ class RedisBackend:
                     count: int = 1) -> LeaseGrant:
         want = "*" if segments is None else ",".join(map(str, check_segments(segments)))
         r = await self._run("CLAIM", digest, node, _ms(self.timeouts.lease), count,
-                            _ms(self.timeouts.blob), want)
+                            _ms(self.timeouts.blob), want, self.timeouts.lease_limit)
         self._check(r, digest)
         _, granted, renewed, reclaimed, holders, version = r
         return LeaseGrant(digest, list(granted), self.timeouts.lease, int(version), list(renewed),
@@ -289,7 +289,7 @@ class RedisBackend:
                              r[i + 2] == b"1")
             if peer is not None:
                 found.append(peer)
-        return rank_peers(found, limit, zone, rack)
+        return rank_peers(found, limit, zone, rack, segment=segment)
 
     # Long-poll, housekeeping ----------------------------------------------------
 

@@ -62,7 +62,8 @@ async def serve(listen: str, redis_url: str | None = None, token: str | None = N
 
 def run(listen: str, redis_url: str | None = None, token: str | None = None, *,
         lease_ttl: float = 15.0, announce_ttl: float = 30.0, blob_ttl: float = 7 * 24 * 3600.0,
-        redis_prefix: str = "fleetp2p") -> None:
+        lease_limit: int = Timeouts.lease_limit, redis_prefix: str = "fleetp2p") -> None:
     """Blocking entry point for the CLI."""
-    timeouts = Timeouts(lease=lease_ttl, announce=announce_ttl, blob=blob_ttl)
+    timeouts = Timeouts(lease=lease_ttl, announce=announce_ttl, blob=blob_ttl,
+                        lease_limit=lease_limit)
     uvloop.run(serve(listen, redis_url, token, timeouts=timeouts, redis_prefix=redis_prefix))

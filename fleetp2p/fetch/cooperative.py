@@ -52,6 +52,7 @@ PEER_LIMIT = 30
 PEER_REFRESH = 2.0       # first re-ask for peers after this, then doubling…
 PEER_REFRESH_MAX = 30.0  # …up to this
 SEGMENT_IDLE = 2.0       # seconds without a piece before a striped segment asks its holders
+LEASE_SWARM_RATE = 256 * 1024  # bytes/s a lease holder swarms while its link carries upstream bytes
 TICK = 0.5
 
 
@@ -301,6 +302,8 @@ class CooperativeFetch:
         start, end = self.geometry.segment_span(index)
         self.download.segment_sources[index] = "upstream"
         renewer = asyncio.create_task(self._renew(index, ttl)) if leased else None
+        if leased:  # the fleet waits for this segment: give it this node's whole downlink
+            self._pause_peer_downloads(True)
         try:
             stream = await fleet.upstream.open_blob(self.registry, self.repository,
                                                     self.download.digest, start, end)
@@ -327,6 +330,8 @@ class CooperativeFetch:
         finally:
             if renewer is not None:
                 renewer.cancel()
+            if leased and len(self.fetching) <= 1:
+                self._pause_peer_downloads(False)
         metainfo = make_metainfo(index, end - start, self.geometry.piece_size, hasher.finish())
         await asyncio.to_thread(self._save_metainfo, index, metainfo)
         fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=True)
@@ -337,6 +342,11 @@ class CooperativeFetch:
                     self.digest, index, fleet.node_id, metainfo))
             except (TrackerUnavailable, TrackerError) as e:
                 log.warning("publishing %s segment %d failed: %s", self.digest, index, e)
+
+    def _pause_peer_downloads(self, paused: bool) -> None:
+        self.fleet.swarm.limit_downloads(self.digest, LEASE_SWARM_RATE if paused else 0)
+        if self.stripes is not None:
+            self.stripes.pause(paused)
 
     async def _renew(self, index: int, ttl: float) -> None:
         fleet = self.fleet

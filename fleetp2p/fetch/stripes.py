@@ -61,6 +61,8 @@ class Stripes:
         self.members: dict[int, set[str]] = {}
         self._tasks: dict[int, asyncio.Task] = {}
         self._reads = asyncio.Semaphore(CONCURRENT_READS)
+        self._open = asyncio.Event()
+        self._open.set()
 
     def active(self, index: int) -> bool:
         task = self._tasks.get(index)
@@ -80,6 +82,14 @@ class Stripes:
         if index in self.members:
             self.members[index] |= members
 
+    def pause(self, paused: bool) -> None:
+        """While this node fetches a leased segment from upstream, the fleet waits
+        for it: its reads would take the downlink that segment needs."""
+        if paused:
+            self._open.clear()
+        else:
+            self._open.set()
+
     def cancel(self) -> None:
         for task in self._tasks.values():
             task.cancel()
@@ -95,6 +105,7 @@ class Stripes:
                 continue
             lo = start + piece * piece_size
             hi = min(lo + piece_size, end)
+            await self._open.wait()
             async with self._reads:
                 if self.download.has_piece(first + piece):
                     continue

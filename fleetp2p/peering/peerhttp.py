@@ -63,7 +63,10 @@ class PeerReader:
         no holder answered with all of them."""
         if end - start > MAX_PEER_RANGE:
             return None
-        for url in (await self._holders(digest, segment))[:PEERS_TO_TRY]:
+        holders = await self._holders(digest, segment)
+        if not holders:
+            log.info("peer http: no holders of %s segment %s", digest, segment)
+        for url in holders[:PEERS_TO_TRY]:
             data = await self._get(url, digest, start, end)
             if data is not None:
                 return data
@@ -93,12 +96,16 @@ class PeerReader:
         try:
             async with self._session.get(f"{base}/peer/v1/blobs/{digest}", headers=headers) as resp:
                 if resp.status != 206:
+                    log.info("peer http %s range %d-%d: HTTP %d", base, start, end, resp.status)
                     return None
                 data = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            log.debug("peer %s range %d-%d: %s", base, start, end, e)
+            log.info("peer http %s range %d-%d: %r", base, start, end, e)
             return None
-        return data if len(data) == end - start else None
+        if len(data) != end - start:
+            log.info("peer http %s range %d-%d: %d bytes", base, start, end, len(data))
+            return None
+        return data
 
     async def close(self) -> None:
         if self._session is not None:

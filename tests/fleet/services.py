@@ -160,13 +160,15 @@ class Tracker:
     """`fleetp2p tracker` on the tracker host; `--lease-ttl` short so tests see expiry."""
 
     def __init__(self, host: Host, workdir: Path, port: int = TRACKER_PORT, *,
-                 redis: str | None = None, lease_ttl: float = 2.0, token: str | None = None) -> None:
+                 redis: str | None = None, lease_ttl: float = 2.0, token: str | None = None,
+                 lease_limit: int | None = None) -> None:
         self.host = host
         self.workdir = workdir
         self.port = port
         self.redis = redis
         self.lease_ttl = lease_ttl
         self.token = token
+        self.lease_limit = lease_limit
         self.process: ManagedProcess | None = None
 
     @property
@@ -180,6 +182,8 @@ class Tracker:
             argv += ["--redis", self.redis]
         if self.token:
             argv += ["--token", self.token]
+        if self.lease_limit is not None:
+            argv += ["--lease-limit", str(self.lease_limit)]
         self.process = self.host.start(argv, name=f"tracker-{self.port}", cwd=self.workdir)
         wait_until(lambda: self.host.http_get(f"{self.url}/healthz", timeout=2)[0] == 200, 20,
                    f"tracker {self.url}", self.process.alive)

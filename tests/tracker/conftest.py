@@ -23,7 +23,7 @@ from tracker.memory import MemoryBackend
 from tracker.server import create_app
 
 # Short TTLs keep expiry tests fast; the code paths are the same as with the defaults.
-FAST = Timeouts(lease=0.4, announce=0.6, blob=3600.0)
+FAST = Timeouts(lease=0.4, announce=0.6, blob=3600.0, lease_limit=0)
 
 
 def free_port() -> int:

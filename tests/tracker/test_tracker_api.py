@@ -20,7 +20,7 @@ from tracker.models import MiB, Node, info_hash
 from tracker.redisbackend import RedisBackend
 from tracker.server import create_app
 
-FAST = Timeouts(lease=0.4, announce=0.6)
+FAST = Timeouts(lease=0.4, announce=0.6, lease_limit=0)
 META = [f"d6:lengthi{i}e4:name1:{i}e".encode() for i in range(16)]
 
 

@@ -68,6 +68,21 @@ async def test_claimers_get_different_segments(make_backend):
     assert again.granted == [0] and again.renewed == [0]
 
 
+async def test_lease_limit_per_blob(make_backend):
+    b = await make_backend(Timeouts(lease=0.4, announce=0.6, blob=3600.0, lease_limit=2))
+    d = dg("limited")
+    await b.register(d, 6 * 64 * MiB)
+    assert (await b.claim(d, "a", count=3)).granted == [0, 1]   # the limit, not the count
+    assert (await b.claim(d, "c")).granted == []                  # waits: segments 0, 1 are out
+    assert (await b.claim(d, "a", count=3)).granted == [0, 1]   # renews, still no third
+    await b.publish(d, 0, "a", META[0])                          # a published lease frees a slot
+    assert (await b.claim(d, "c")).granted == [2]
+    await b.release(d, "a")
+    assert (await b.claim(d, "e", count=5)).granted == [1]
+    await asyncio.sleep(0.5)                                      # expired leases count no more
+    assert (await b.claim(d, "f", count=5)).granted == [1, 2]
+
+
 async def test_claim_wanted_segments_in_order(make_backend):
     b = await make_backend()
     d = dg("want")
@@ -201,6 +216,9 @@ async def test_downloaders_are_swarm_peers_after_holders(make_backend):
     await b.announce(node("gone"), {}, fetching=[d])
     await b.leave("gone")
     assert "gone" not in {p.node_id for p in await b.peers(d)}
+    for i in range(6):                               # holders of other segments rank after
+        await b.announce(node(f"busy{i}"), {d: frozenset({0})}, fetching=[d])
+    assert [p.node_id for p in await b.peers(d, "me", segment=2, limit=1)] == ["seed"]
 
 
 async def test_peer_sample_is_random(make_backend):

@@ -19,8 +19,8 @@ def dg(n: object) -> str:
 
 async def _pair(redis_url):
     prefix = "r" + uuid.uuid4().hex[:10]
-    a = RedisBackend(redis_url, Timeouts(lease=5), prefix=prefix)
-    b = RedisBackend(redis_url, Timeouts(lease=5), prefix=prefix)
+    a = RedisBackend(redis_url, Timeouts(lease=5, lease_limit=0), prefix=prefix)
+    b = RedisBackend(redis_url, Timeouts(lease=5, lease_limit=0), prefix=prefix)
     await a.start()
     await b.start()
     return a, b
