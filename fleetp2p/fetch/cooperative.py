@@ -21,9 +21,11 @@ while it arrives; the whole-blob digest is checked by the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +103,7 @@ class CooperativeFetch:
         self._refreshing: asyncio.Task | None = None
         self.stripes: Stripes | None = None
         self.holders_connected: set[int] = set()
+        self._leases_fetching = 0
 
     @property
     def directory(self) -> Path:
@@ -302,36 +305,12 @@ class CooperativeFetch:
         start, end = self.geometry.segment_span(index)
         self.download.segment_sources[index] = "upstream"
         renewer = asyncio.create_task(self._renew(index, ttl)) if leased else None
-        if leased:  # the fleet waits for this segment: give it this node's whole downlink
-            self._pause_peer_downloads(True)
         try:
-            stream = await fleet.upstream.open_blob(self.registry, self.repository,
-                                                    self.download.digest, start, end)
-            hasher = PieceHasher(self.geometry.piece_size)
-            assert self.writer is not None
-            writer = self.writer
-
-            def write(data: bytes, offset: int) -> None:
-                writer.pwrite(data, offset)
-                hasher.update(data)
-
-            piece = self.geometry.piece_size
-
-            def progress(written_to: int) -> None:
-                self.last_progress = time.monotonic()
-                complete_to = written_to if written_to == end else written_to - written_to % piece
-                if complete_to > start:
-                    self.download.mark_pieces(start // piece, -(-complete_to // piece))
-
-            try:
-                await receive(stream.chunks(), write, start, progress)
-            finally:
-                await stream.close()
+            with self._downlink_to_upstream() if leased else contextlib.nullcontext():
+                hasher = await self._stream_segment(start, end)
         finally:
             if renewer is not None:
                 renewer.cancel()
-            if leased and len(self.fetching) <= 1:
-                self._pause_peer_downloads(False)
         metainfo = make_metainfo(index, end - start, self.geometry.piece_size, hasher.finish())
         await asyncio.to_thread(self._save_metainfo, index, metainfo)
         fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=True)
@@ -343,10 +322,48 @@ class CooperativeFetch:
             except (TrackerUnavailable, TrackerError) as e:
                 log.warning("publishing %s segment %d failed: %s", self.digest, index, e)
 
-    def _pause_peer_downloads(self, paused: bool) -> None:
-        self.fleet.swarm.limit_downloads(self.digest, LEASE_SWARM_RATE if paused else 0)
-        if self.stripes is not None:
-            self.stripes.pause(paused)
+    async def _stream_segment(self, start: int, end: int) -> PieceHasher:
+        """Bytes [start, end) from upstream into the segment file, pieces hashed and
+        marked readable as they land."""
+        stream = await self.fleet.upstream.open_blob(self.registry, self.repository,
+                                                     self.download.digest, start, end)
+        hasher = PieceHasher(self.geometry.piece_size)
+        assert self.writer is not None
+        writer = self.writer
+
+        def write(data: bytes, offset: int) -> None:
+            writer.pwrite(data, offset)
+            hasher.update(data)
+
+        piece = self.geometry.piece_size
+
+        def progress(written_to: int) -> None:
+            self.last_progress = time.monotonic()
+            complete_to = written_to if written_to == end else written_to - written_to % piece
+            if complete_to > start:
+                self.download.mark_pieces(start // piece, -(-complete_to // piece))
+
+        try:
+            await receive(stream.chunks(), write, start, progress)
+        finally:
+            await stream.close()
+        return hasher
+
+    @contextlib.contextmanager
+    def _downlink_to_upstream(self) -> Iterator[None]:
+        """The fleet waits for a leased segment: give it this node's whole downlink."""
+        self._leases_fetching += 1
+        self.fleet.swarm.limit_downloads(self.digest, LEASE_SWARM_RATE)
+        try:
+            with self._stripes_paused():
+                yield
+        finally:
+            self._leases_fetching -= 1
+            if not self._leases_fetching:
+                self.fleet.swarm.limit_downloads(self.digest, 0)
+
+    def _stripes_paused(self) -> contextlib.AbstractContextManager:
+        return self.stripes.paused() if self.stripes is not None else contextlib.nullcontext()
 
     async def _renew(self, index: int, ttl: float) -> None:
         fleet = self.fleet
@@ -472,7 +489,9 @@ class CooperativeFetch:
         global_piece = start // piece
         if self.download.has_piece(global_piece):
             return
-        data = await reader.read(self.download.digest, start, min(start + piece, end), segment=index)
+        with self._stripes_paused():  # holders' uplinks go to the piece a client waits for
+            data = await reader.read(self.download.digest, start, min(start + piece, end),
+                                     segment=index)
         if data is None or self.download.has_piece(global_piece):
             return
         expected = piece_hash(metainfo, 0)

@@ -24,8 +24,10 @@ fetched still arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 
 from fleetp2p.fetch.download import Download
 from fleetp2p.peering.peerhttp import PeerReader
@@ -63,6 +65,7 @@ class Stripes:
         self._reads = asyncio.Semaphore(CONCURRENT_READS)
         self._open = asyncio.Event()
         self._open.set()
+        self._holds = 0
 
     def active(self, index: int) -> bool:
         task = self._tasks.get(index)
@@ -82,13 +85,19 @@ class Stripes:
         if index in self.members:
             self.members[index] |= members
 
-    def pause(self, paused: bool) -> None:
-        """While this node fetches a leased segment from upstream, the fleet waits
-        for it: its reads would take the downlink that segment needs."""
-        if paused:
-            self._open.clear()
-        else:
-            self._open.set()
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No new reads meanwhile: while this node fetches a leased segment from
+        upstream (the fleet waits for it, and reads would share its downlink), or
+        the piece a client is blocked on (holders' uplinks go to first pieces)."""
+        self._holds += 1
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self._open.set()
 
     def cancel(self) -> None:
         for task in self._tasks.values():

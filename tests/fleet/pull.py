@@ -44,16 +44,16 @@ def fetch(url: str, timeout: float) -> dict:
         result["content_length"] = resp.getheader("Content-Length")
         sha = hashlib.sha256()
         size = 0
-        buf = bytearray(BUFFER)
-        view = memoryview(buf)
         while True:
-            n = resp.readinto(buf)
-            if not n:
+            # read1: whatever has arrived (readinto would wait to fill the buffer,
+            # and the first byte would be timed as the first MiB)
+            chunk = resp.read1(BUFFER)
+            if not chunk:
                 break
             if size == 0:
                 result["first_byte_s"] = time.monotonic() - t0
-            sha.update(view[:n])
-            size += n
+            sha.update(chunk)
+            size += len(chunk)
         result["bytes"] = size
         result["sha256"] = "sha256:" + sha.hexdigest()
     except Exception as e:  # noqa: BLE001 - reported to the launcher, which decides
