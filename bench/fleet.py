@@ -169,8 +169,10 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
     nodes = scene.nodes
     tracker = "none" if name == "baseline" else scene.tracker(lease_ttl=args.lease_ttl,
                                                                   lease_limit=args.lease_limit).url
-    settings = {"segment_size": args.segment_size, "piece_size": args.piece_size,
-                "log_level": "info"}
+    settings = {"log_level": "info"}
+    for name in ("segment_size", "piece_size"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     if args.peer_stall_timeout is not None:
         settings["peer_stall_timeout"] = args.peer_stall_timeout
     agents = scene.start_agents(nodes, tracker, **settings)
@@ -230,6 +232,9 @@ def report(phases: Sequence[Phase], args: argparse.Namespace, size: int) -> int:
             print(f"\nwarm time to first byte from a peer: median {med:.3f} s, max {worst:.3f} s "
                   f"(target < {TTFB_TARGET}: median {'ok' if med < TTFB_TARGET else 'MISSED'}, "
                   f"max {'ok' if worst < TTFB_TARGET else 'MISSED'})")
+            headers = [r.headers_s for r in warm.results if r.headers_s is not None]
+            print(f"  (of which headers: median {statistics.median(headers):.3f} s, "
+                  f"max {max(headers):.3f} s)")
     for p in phases:
         bad = [r for r in p.results if not r.verified(p.digest, p.size)]
         for r in bad:
@@ -253,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=parse_size, default=parse_size("256MiB"), help="blob size B")
     parser.add_argument("--link", default="100mbit", help="every node's link rate L (tc syntax)")
     parser.add_argument("--upstream-rate", default=None, help="the registry's link rate U (default L)")
-    parser.add_argument("--segment-size", default="64MiB")
-    parser.add_argument("--piece-size", default="1MiB")
+    parser.add_argument("--segment-size", default=None, help="agent setting (default: the agent's own)")
+    parser.add_argument("--piece-size", default=None, help="agent setting (default: the agent's own)")
     parser.add_argument("--peer-stall-timeout", type=float, default=None,
                         help="agent setting (default: the agent's own)")
     parser.add_argument("--lease-ttl", type=float, default=15.0, help="tracker lease seconds")
@@ -282,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + ("  <-- other work is running: ratios will be pessimistic" if load > 0.5 * cores else ""))
     print(f"fleet: {args.nodes} nodes, B = {human_bytes(args.size)}, L = {args.link}, "
           f"U = {args.upstream_rate}; B/L = {link_s:.1f} s, B/U = {up_s:.1f} s; segments "
-          f"{args.segment_size}, pieces {args.piece_size}", flush=True)
+          f"{args.segment_size or 'default'}, pieces {args.piece_size or 'default'}", flush=True)
     done: list[Phase] = []
     try:
         with network() as net:

@@ -41,7 +41,7 @@ class Timeouts:
     lease: float = 15.0
     announce: float = 30.0
     blob: float = 7 * 24 * 3600.0
-    lease_limit: int = 2
+    lease_limit: int = 1
 
 
 class Backend(Protocol):

@@ -351,16 +351,19 @@ class CooperativeFetch:
 
     @contextlib.contextmanager
     def _downlink_to_upstream(self) -> Iterator[None]:
-        """The fleet waits for a leased segment: give it this node's whole downlink."""
+        """The fleet waits for a leased segment: give it this node's whole link.
+        Not only the downlink: acknowledgements of the upstream stream queue
+        behind whatever the uplink sends, and a saturated uplink halved the
+        upstream rate in the fleet bench."""
         self._leases_fetching += 1
-        self.fleet.swarm.limit_downloads(self.digest, LEASE_SWARM_RATE)
+        self.fleet.swarm.limit(self.digest, LEASE_SWARM_RATE)
         try:
             with self._stripes_paused():
                 yield
         finally:
             self._leases_fetching -= 1
             if not self._leases_fetching:
-                self.fleet.swarm.limit_downloads(self.digest, 0)
+                self.fleet.swarm.limit(self.digest, 0)
 
     def _stripes_paused(self) -> contextlib.AbstractContextManager:
         return self.stripes.paused() if self.stripes is not None else contextlib.nullcontext()

@@ -36,13 +36,17 @@ from fleetp2p.swarm import Swarm
 
 log = logging.getLogger(__name__)
 
-STRIPE_RATIO = 4      # stripe when a segment's downloaders outnumber its holders this many times
+# Stripe while a segment has at least as many downloaders as holders: then the
+# holders' uplinks are the bottleneck. A lone downloader stripes too (its share
+# is everything): it would otherwise open BitTorrent connections to the holder
+# before the others show up, and their flows crowd out everyone's first piece.
+STRIPE_RATIO = 1
 CONCURRENT_READS = 2  # per blob: enough to keep a holder busy, little memory on its side
 
 
 def scarce(holders: int, downloaders: int) -> bool:
     """`downloaders` counts this node too."""
-    return holders > 0 and downloaders > STRIPE_RATIO * holders
+    return holders > 0 and downloaders >= STRIPE_RATIO * holders
 
 
 def owner(digest: str, index: int, piece: int, members: set[str]) -> str:
@@ -118,7 +122,7 @@ class Stripes:
             async with self._reads:
                 if self.download.has_piece(first + piece):
                     continue
-                data = await self.reader.read(self.download.digest, lo, hi, segment=index)
+                data = await self.reader.read(self.download.digest, lo, hi, segment=index, bulk=True)
             if data is None:
                 log.info("no holder of %s segment %d answered for piece %d; swarming the rest",
                          self.digest, index, piece)

@@ -1,20 +1,23 @@
-"""Byte ranges between agents over plain HTTP, for lazy reads.
+"""Byte ranges between agents over plain HTTP: lazy reads, the first piece a
+client waits for, and stripes (fetch/stripes.py).
 
 A container blocked on a file read cannot wait for libtorrent's connection
 tick (0.1–0.9 s); an HTTP range from a peer's agent takes milliseconds. The
-bytes carry no trust: the reader verifies every chunk against the TOC, and a
-peer only serves what it holds verified (a complete blob, or the verified
-parts of a lazily read one).
+bytes carry no trust: the reader verifies every chunk against the TOC, and
+pieces against their published hash (libtorrent checks injected pieces); a
+peer only serves what it holds verified (a complete blob, the finished pieces
+of one it is fetching, or the verified parts of a lazily read one).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import aiohttp
 from aiohttp import web
@@ -35,6 +38,8 @@ PEER_TIMEOUT = 3.0  # without a byte moving: a busy holder is slow, not dead
 PEERS_TTL = 5.0
 MAX_PEER_RANGE = 64 * 1024 * 1024
 PEERS_TO_TRY = 3
+BULK_HEADER = "X-Fleetp2p-Bulk"
+BULK_MAX_WAIT = 1.0
 
 # (digest, start, end) → (open a reader, blob size) when this node holds those bytes verified.
 Lookup = Callable[[Digest, int, int], "tuple[Callable[[], SegmentReader], int] | None"]
@@ -58,16 +63,17 @@ class PeerReader:
         self.announcer.hold_segment(str(digest), 0)
 
     async def read(self, digest: Digest, start: int, end: int,
-                   segment: int | None = None) -> bytes | None:
+                   segment: int | None = None, *, bulk: bool = False) -> bytes | None:
         """The bytes from some holder (of `segment`, when given), unverified; None if
-        no holder answered with all of them."""
+        no holder answered with all of them. `bulk` reads (stripes) yield to the
+        others at the holder: those are what a client is blocked on."""
         if end - start > MAX_PEER_RANGE:
             return None
         holders = await self._holders(digest, segment)
         if not holders:
-            log.info("peer http: no holders of %s segment %s", digest, segment)
+            log.debug("peer http: no holders of %s segment %s", digest, segment)
         for url in holders[:PEERS_TO_TRY]:
-            data = await self._get(url, digest, start, end)
+            data = await self._get(url, digest, start, end, bulk)
             if data is not None:
                 return data
         return None
@@ -88,22 +94,25 @@ class PeerReader:
             self._peers[(digest, segment)] = (time.monotonic(), urls)
         return urls
 
-    async def _get(self, base: str, digest: Digest, start: int, end: int) -> bytes | None:
+    async def _get(self, base: str, digest: Digest, start: int, end: int,
+                   bulk: bool) -> bytes | None:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=PEER_TIMEOUT, sock_read=PEER_TIMEOUT))
         headers = {**self._headers, "Range": f"bytes={start}-{end - 1}"}
+        if bulk:
+            headers[BULK_HEADER] = "1"
         try:
             async with self._session.get(f"{base}/peer/v1/blobs/{digest}", headers=headers) as resp:
                 if resp.status != 206:
-                    log.info("peer http %s range %d-%d: HTTP %d", base, start, end, resp.status)
+                    log.debug("peer http %s range %d-%d: HTTP %d", base, start, end, resp.status)
                     return None
                 data = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            log.info("peer http %s range %d-%d: %r", base, start, end, e)
+            log.debug("peer http %s range %d-%d: %r", base, start, end, e)
             return None
         if len(data) != end - start:
-            log.info("peer http %s range %d-%d: %d bytes", base, start, end, len(data))
+            log.debug("peer http %s range %d-%d: %d bytes", base, start, end, len(data))
             return None
         return data
 
@@ -115,8 +124,16 @@ class PeerReader:
 def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Application:
     """Server side: the only routes other nodes can reach on this node's HTTP port."""
     secret = f"Bearer {token}".encode() if token else None
+    urgent = _Urgent()
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        if request.headers.get(BULK_HEADER):
+            await urgent.quiet()
+            return await serve(request)
+        with urgent.serving():
+            return await serve(request)
+
+    async def serve(request: web.Request) -> web.StreamResponse:
         if secret is not None and not hmac.compare_digest(
                 request.headers.get("Authorization", "").encode(), secret):
             return web.Response(status=401)
@@ -153,6 +170,33 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     app = web.Application()
     app.router.add_get("/peer/v1/blobs/{digest}", handle)
     return app
+
+
+class _Urgent:
+    """Reads a client is blocked on go before bulk ones: a bulk read waits (a
+    bounded time: it must not starve) while any other read is being answered."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        self.count += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count:
+                self.idle.set()
+
+    async def quiet(self) -> None:
+        try:
+            await asyncio.wait_for(self.idle.wait(), BULK_MAX_WAIT)
+        except asyncio.TimeoutError:
+            pass
 
 
 def store_lookup(store: BlobStore, lazy_blob: Callable, download: Callable) -> Lookup:

@@ -14,7 +14,6 @@ the session.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -56,7 +55,6 @@ def session_settings(listen: str) -> dict:
         "request_timeout": 10, "piece_timeout": 10, "peer_timeout": 30,
         "user_agent": "fleetp2p",
         "alert_queue_size": 100_000,
-        **json.loads(os.environ.get("FLEETP2P_LT_EXPERIMENT", "{}")),
         "alert_mask": (lt.alert_category.status | lt.alert_category.error
                        | lt.alert_category.storage | lt.alert_category.piece_progress
                        | lt.alert_category.stats),
@@ -72,7 +70,7 @@ class Swarm:
         self._keys: dict[str, SegmentKey] = {}  # info-hash hex → key
         self._listeners: dict[str, list[Listener]] = {}  # digest → listeners
         self._reads: dict[tuple[SegmentKey, int], asyncio.Future] = {}
-        self._download_limits: dict[str, int] = {}  # digest → bytes/s
+        self._limits: dict[str, int] = {}  # digest → bytes/s each way
         self._pipe: tuple[int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats_task: asyncio.Task | None = None
@@ -146,21 +144,23 @@ class Swarm:
             flags |= lt.torrent_flags.seed_mode
         params.flags = flags
         handle = self._session.add_torrent(params)
-        if key[0] in self._download_limits:
-            handle.set_download_limit(self._download_limits[key[0]])
+        if key[0] in self._limits:
+            handle.set_download_limit(self._limits[key[0]])
+            handle.set_upload_limit(self._limits[key[0]])
         self._handles[key] = handle
         self._keys[str(handle.info_hash())] = key
 
-    def limit_downloads(self, digest: str, rate: int) -> None:
-        """Cap the download rate of a blob's torrents, now and for those added
-        later (bytes/s; 0: no cap). Uploads are not affected."""
+    def limit(self, digest: str, rate: int) -> None:
+        """Cap a blob's torrents' download and upload rates, now and for those
+        added later (bytes/s each way; 0: no cap)."""
         if rate:
-            self._download_limits[digest] = rate
+            self._limits[digest] = rate
         else:
-            self._download_limits.pop(digest, None)
+            self._limits.pop(digest, None)
         for key, handle in self._handles.items():
             if key[0] == digest:
                 handle.set_download_limit(rate or -1)
+                handle.set_upload_limit(rate or -1)
 
     def disconnect(self, key: SegmentKey) -> None:
         """Drop every connection of a segment's torrent (its pieces stay)."""
@@ -177,7 +177,7 @@ class Swarm:
         self._session.remove_torrent(handle)
 
     def remove_blob(self, digest: str) -> None:
-        self._download_limits.pop(digest, None)
+        self._limits.pop(digest, None)
         for key in [k for k in self._handles if k[0] == digest]:
             self.remove_segment(key)
 
