@@ -90,12 +90,15 @@ class Metrics:
         self.peer_served_bytes = Counter(
             "fleetp2p_peer_served_bytes", "Bytes this node served to other nodes over HTTP",
             registry=r)
+        # Every series exists from the start: a rate needs two samples, and a series
+        # born with its whole burst already counted never shows one.
         for source in SOURCES:
             self.lazy_fetched_bytes.labels(source)
             self.segments.labels(source)
             self.fetched_bytes.labels(source)
         for source in SOURCES:
             self.served_bytes.labels(source)
+            self.ttfb.labels(source)
         for kind in ("blob", "manifest"):
             self.verification_failures.labels(kind)
             self.upstream_bytes.labels(kind)

@@ -19,6 +19,7 @@ MiB = 1024 * 1024
 DEFAULT_SEGMENT_SIZE = 64 * MiB
 DEFAULT_PIECE_SIZE = 256 * 1024
 MAX_SEGMENTS = 256              # segments grow past this: bounded records, bounded torrents per blob
+MAX_PIECES_PER_SEGMENT = 16384  # pieces grow past this: metainfo stays under 320 KiB
 MIN_PIECE_SIZE = 16 * 1024      # BitTorrent's block size; smaller pieces make no sense
 MAX_PIECE_SIZE = 64 * MiB
 MAX_SEGMENT_SIZE = 2 ** 36      # 64 GiB: MAX_BLOB_SIZE / MAX_SEGMENTS
@@ -92,7 +93,8 @@ def choose_geometry(size: int, segment_size: int | None = None,
     The first registrar may propose sizes (power-of-two only, so every piece
     boundary is also a segment boundary); the segment size then doubles until
     the blob has at most MAX_SEGMENTS segments, so a 10 TiB blob does not turn
-    into 160 000 torrents. Pieces never exceed a segment.
+    into 160 000 torrents. Pieces double while a segment would have more than
+    MAX_PIECES_PER_SEGMENT (its metainfo must stay small), and never exceed a segment.
     """
     check_int(size, "size", 0, MAX_BLOB_SIZE)
     seg = DEFAULT_SEGMENT_SIZE if segment_size is None else segment_size
@@ -101,6 +103,8 @@ def choose_geometry(size: int, segment_size: int | None = None,
     _check_pow2(piece, "piece_size", MIN_PIECE_SIZE, MAX_PIECE_SIZE)
     while -(-size // seg) > MAX_SEGMENTS:
         seg *= 2
+    while seg // piece > MAX_PIECES_PER_SEGMENT:
+        piece *= 2
     return seg, min(piece, seg)
 
 
