@@ -170,9 +170,9 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
     tracker = "none" if name == "baseline" else scene.tracker(lease_ttl=args.lease_ttl,
                                                                   lease_limit=args.lease_limit).url
     settings = {"log_level": "info"}
-    for name in ("segment_size", "piece_size"):
-        if getattr(args, name) is not None:
-            settings[name] = getattr(args, name)
+    for key in ("segment_size", "piece_size"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     if args.peer_stall_timeout is not None:
         settings["peer_stall_timeout"] = args.peer_stall_timeout
     agents = scene.start_agents(nodes, tracker, **settings)

@@ -54,6 +54,7 @@ PEER_LIMIT = 30
 PEER_REFRESH = 2.0       # first re-ask for peers after this, then doubling…
 PEER_REFRESH_MAX = 30.0  # …up to this
 SEGMENT_IDLE = 2.0       # seconds without a piece before a striped segment asks its holders
+LEASE_COURTESY = 0.5     # seconds a node that just published waits before claiming again
 LEASE_SWARM_RATE = 256 * 1024  # bytes/s a lease holder swarms while its link carries upstream bytes
 TICK = 0.5
 
@@ -104,6 +105,7 @@ class CooperativeFetch:
         self.stripes: Stripes | None = None
         self.holders_connected: set[int] = set()
         self._leases_fetching = 0
+        self._claim_after = 0.0
 
     @property
     def directory(self) -> Path:
@@ -253,7 +255,7 @@ class CooperativeFetch:
         wanted = [i for i in self.record.missing()
                   if i not in self.done and i not in self.fetching]
         room = fleet.parallel_leases - len(self.fetching)
-        if not wanted or room <= 0:
+        if not wanted or room <= 0 or time.monotonic() < self._claim_after:
             return
         try:
             grant = await timed(fleet.metrics, "claim", lambda: fleet.tracker.claim(
@@ -315,6 +317,10 @@ class CooperativeFetch:
         await asyncio.to_thread(self._save_metainfo, index, metainfo)
         fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=True)
         self._segment_done(index, "upstream")
+        if any(p.fetching for p in self.peers):
+            # Let a waiting node (woken by the publish) take the next lease: this
+            # node's uplink now carries the segment it just fetched.
+            self._claim_after = time.monotonic() + LEASE_COURTESY
         if not self.tracker_down:
             try:
                 self.record = await timed(fleet.metrics, "publish", lambda: fleet.tracker.publish(

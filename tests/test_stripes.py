@@ -1,0 +1,96 @@
+"""Stripes (fleetp2p/fetch/stripes.py) and the peer HTTP rules they rely on:
+ownership every member agrees on, bulk reads yielding to urgent ones, and
+holders refusing bulk reads while fetching a leased segment. The whole path
+through real libtorrent swarms runs in test_swarm_fetch.py and tests/fleet."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from fleetp2p.fetch.download import Download
+from fleetp2p.fetch.stripes import owner, scarce
+from fleetp2p.metrics import Metrics
+from fleetp2p.oci.reference import Digest
+from fleetp2p.peering.peerhttp import BULK_HEADER, peer_app
+from fleetp2p.store import Geometry
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+def test_every_member_computes_the_same_owner_and_shares_are_even():
+    members = {f"node{i}" for i in range(15)}
+    owners = [owner(DIGEST, 0, piece, members) for piece in range(3000)]
+    assert owners == [owner(DIGEST, 0, piece, set(sorted(members))) for piece in range(3000)]
+    counts = Counter(owners)
+    assert set(counts) == members and max(counts.values()) < 2 * min(counts.values())
+
+
+def test_a_newcomer_takes_pieces_only_from_others_shares():
+    members = {f"node{i}" for i in range(8)}
+    before = [owner(DIGEST, 3, piece, members) for piece in range(2000)]
+    after = [owner(DIGEST, 3, piece, members | {"late"}) for piece in range(2000)]
+    moved = [(b, a) for b, a in zip(before, after) if b != a]
+    assert moved and all(a == "late" for _, a in moved)
+
+
+def test_scarce_holders():
+    assert scarce(1, 1) and scarce(1, 15) and scarce(2, 2)
+    assert not scarce(0, 15) and not scarce(3, 2)
+
+
+def test_download_covers_only_finished_pieces(tmp_path: Path):
+    download = Download(Digest.parse(DIGEST), tmp_path)
+    assert not download.covers(0, 10)                    # no geometry yet
+    download.set_geometry(Geometry(10 * 1024, 4096, 1024))
+    download.mark_pieces(2, 5)
+    assert download.covers(2048, 5120) and download.covers(2100, 2200)
+    assert not download.covers(1000, 3000) and not download.covers(4000, 6000)
+    assert not download.covers(0, 0) and not download.covers(9000, 20000)
+
+
+class SlowReader:
+    """A segment reader whose reads take a while, like a busy disk."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def read(self, offset: int, count: int) -> bytes:
+        time.sleep(self.delay)
+        return bytes(count)
+
+    def close(self) -> None:
+        pass
+
+
+async def _get(session: aiohttp.ClientSession, server: TestServer, bulk: bool) -> tuple[int, float]:
+    headers = {"Range": "bytes=0-99", **({BULK_HEADER: "1"} if bulk else {})}
+    async with session.get(server.make_url(f"/peer/v1/blobs/{DIGEST}"), headers=headers) as resp:
+        await resp.read()
+        return resp.status, asyncio.get_running_loop().time()
+
+
+async def test_bulk_reads_wait_for_urgent_ones_and_get_503_while_busy():
+    busy = False
+    app = peer_app(lambda digest, start, end: (lambda: SlowReader(0.3), 1000), Metrics(), None,
+                   busy=lambda: busy)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            urgent = asyncio.create_task(_get(session, server, bulk=False))
+            await asyncio.sleep(0.05)                     # the urgent read is being answered
+            bulk_status, bulk_done = await _get(session, server, bulk=True)
+            urgent_status, urgent_done = await urgent
+            assert (urgent_status, bulk_status) == (206, 206)
+            assert bulk_done > urgent_done                 # it waited instead of sharing the link
+            busy = True
+            assert (await _get(session, server, bulk=True))[0] == 503
+            assert (await _get(session, server, bulk=False))[0] == 206
+    finally:
+        await server.close()
