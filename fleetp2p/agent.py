@@ -131,9 +131,7 @@ class Agent:
     async def _start_peer_site(self) -> int:
         """Other nodes reach only this small app, never the mirror or the admin API."""
         lookup = peerhttp.store_lookup(self.store, self.lazy.blob, self.blobs.download)
-        busy = lambda: self.swarm is not None and self.swarm.limited  # noqa: E731
-        runner = web.AppRunner(peerhttp.peer_app(lookup, self.metrics, self.config.tracker_token or None,
-                                                 busy),
+        runner = web.AppRunner(peerhttp.peer_app(lookup, self.metrics, self.config.tracker_token or None),
                                access_log=None)
         await runner.setup()
         host, port = self.config.peer_http_hostport

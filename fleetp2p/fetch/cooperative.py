@@ -317,16 +317,17 @@ class CooperativeFetch:
         await asyncio.to_thread(self._save_metainfo, index, metainfo)
         fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=True)
         self._segment_done(index, "upstream")
-        if any(p.fetching for p in self.peers):
-            # Let a waiting node (woken by the publish) take the next lease: this
-            # node's uplink now carries the segment it just fetched.
-            self._claim_after = time.monotonic() + LEASE_COURTESY
         if not self.tracker_down:
             try:
                 self.record = await timed(fleet.metrics, "publish", lambda: fleet.tracker.publish(
                     self.digest, index, fleet.node_id, metainfo))
             except (TrackerUnavailable, TrackerError) as e:
                 log.warning("publishing %s segment %d failed: %s", self.digest, index, e)
+            await self._refresh_peers()
+            if any(p.fetching for p in self.peers):
+                # Let a waiting node (woken by the publish) take the next lease: this
+                # node's uplink now carries the segment it just fetched.
+                self._claim_after = time.monotonic() + LEASE_COURTESY
 
     async def _stream_segment(self, start: int, end: int) -> PieceHasher:
         """Bytes [start, end) from upstream into the segment file, pieces hashed and

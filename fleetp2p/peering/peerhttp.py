@@ -121,19 +121,13 @@ class PeerReader:
             await self._session.close()
 
 
-def peer_app(lookup: Lookup, metrics: Metrics, token: str | None,
-             busy: Callable[[], bool] = lambda: False) -> web.Application:
-    """Server side: the only routes other nodes can reach on this node's HTTP port.
-    While `busy` (fetching a leased segment the fleet waits for), bulk reads get
-    503 and go to another holder: what this node sends delays the
-    acknowledgements of what it receives."""
+def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Application:
+    """Server side: the only routes other nodes can reach on this node's HTTP port."""
     secret = f"Bearer {token}".encode() if token else None
     urgent = _Urgent()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.headers.get(BULK_HEADER):
-            if busy():
-                return web.Response(status=503)
             await urgent.quiet()
             return await serve(request)
         with urgent.serving():

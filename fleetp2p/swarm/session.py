@@ -162,11 +162,6 @@ class Swarm:
                 handle.set_download_limit(rate or -1)
                 handle.set_upload_limit(rate or -1)
 
-    @property
-    def limited(self) -> bool:
-        """Some blob's torrents are capped by `limit` (a leased fetch is running)."""
-        return bool(self._limits)
-
     def disconnect(self, key: SegmentKey) -> None:
         """Drop every connection of a segment's torrent (its pieces stay)."""
         handle = self._handles.get(key)
