@@ -127,4 +127,5 @@ class Stripes:
                 log.info("no holder of %s segment %d answered for piece %d; swarming the rest",
                          self.digest, index, piece)
                 return
-            self.swarm.add_piece(key, piece, data)  # libtorrent checks the piece hash
+            if not self.download.has_piece(first + piece):  # BitTorrent may have been faster
+                self.swarm.add_piece(key, piece, data)  # libtorrent checks the piece hash

@@ -195,7 +195,7 @@ class Swarm:
         """Inject a piece fetched elsewhere (upstream); libtorrent hash-checks it."""
         handle = self._handles.get(key)
         if handle is not None:
-            handle.add_piece(piece, data, lt.torrent_handle.overwrite_existing)
+            handle.add_piece(piece, data, 0)  # never over a piece already on disk
 
     def peer_count(self, key: SegmentKey) -> int:
         handle = self._handles.get(key)
