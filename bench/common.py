@@ -208,6 +208,18 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def interrupt_on_sigterm() -> None:
+    """A killed benchmark unwinds like Ctrl-C, so its cleanup runs."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def print_machine(when_busy: str) -> None:
+    """Cores and load first: other work on the machine skews every ratio."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    print(f"machine: {cores} cores, load average {load:.2f}"
+          + (f"  <-- other work is running: {when_busy}" if load > 0.5 * cores else ""))
+
+
 class Workspace:
     """One temp dir and the processes started in it; `close()` kills and removes all.
 

@@ -28,21 +28,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # tests/ first: `fleet` must be tests/fleet (the package), not this script.
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from common import human_bytes, parse_size, table  # noqa: E402
+from common import (human_bytes, interrupt_on_sigterm, parse_size, print_machine,  # noqa: E402
+                    table)
 
 from fleet.netns import Network, network, rate_bits  # noqa: E402
 from fleet.pull import PullResult, blob_path, pull_all  # noqa: E402
@@ -277,14 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"bad --phases {sorted(unknown)} or --nodes (2..200)")
     link_s = args.size * 8 / rate_bits(args.link)
     up_s = args.size * 8 / rate_bits(args.upstream_rate)
-
-    def interrupted(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    print(f"machine: {cores} cores, load average {load:.2f}"
-          + ("  <-- other work is running: ratios will be pessimistic" if load > 0.5 * cores else ""))
+    interrupt_on_sigterm()
+    print_machine("ratios will be pessimistic")
     print(f"fleet: {args.nodes} nodes, B = {human_bytes(args.size)}, L = {args.link}, "
           f"U = {args.upstream_rate}; B/L = {link_s:.1f} s, B/U = {up_s:.1f} s; segments "
           f"{args.segment_size or 'default'}, pieces {args.piece_size or 'default'}", flush=True)

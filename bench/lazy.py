@@ -44,21 +44,20 @@ import math
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import BinaryIO, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # tests/ first: `fleet` must be tests/fleet (the package), as in bench/fleet.py.
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from common import human_bytes, parse_size, table  # noqa: E402
+from common import (human_bytes, interrupt_on_sigterm, parse_size, print_machine,  # noqa: E402
+                    table)
 
 from fleet.netns import Host, Network, network, rate_bits, unavailable  # noqa: E402
 from fleet.pull import PullResult, blob_path, pull_all  # noqa: E402
@@ -388,14 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
     link_s = args.size * 8 / rate_bits(args.link)
-
-    def interrupted(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    print(f"machine: {cores} cores, load average {load:.2f}"
-          + ("  <-- other work is running: times will be noisy" if load > 0.5 * cores else ""))
+    interrupt_on_sigterm()
+    print_machine("times will be noisy")
     print(f"layer {human_bytes(args.size)}, file {human_bytes(args.file_size)}, link {args.link} "
           f"(layer/link = {link_s:.1f} s)", flush=True)
     try:

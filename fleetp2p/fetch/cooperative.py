@@ -203,23 +203,26 @@ class CooperativeFetch:
     def _connect(self, index: int) -> None:
         """Give libtorrent the segment's peers: holders and other downloaders, or
         only the downloaders while this node fetches its stripe from scarce holders."""
-        holders = [p for p in self.peers if p.has(index)]
-        downloaders = {p.node_id for p in self.peers if p.fetching and not p.has(index)}
+        holders = self._holders_of(index)
+        peers = [p for p in self.peers if p.fetching and not p.has(index)]  # other downloaders
         key = (self.digest, index)
         stripes = self.stripes
         if stripes is not None:
+            members = {p.node_id for p in peers}
             if stripes.started(index):
-                stripes.join(index, downloaders)
-            elif scarce(len(holders), len(downloaders) + 1):
-                stripes.start(index, downloaders)
+                stripes.join(index, members)
+            elif scarce(len(holders), len(members) + 1):
+                stripes.start(index, members)
                 if index in self.holders_connected:  # connected before the others showed up
                     self.holders_connected.discard(index)
                     self.fleet.swarm.disconnect(key)
-        peers = [p for p in self.peers if p.fetching and not p.has(index)]
         if stripes is None or not stripes.started(index) or index in self.holders_connected:
             peers += holders
             self.holders_connected.add(index)
         self.fleet.swarm.connect(key, [(p.host, p.port) for p in peers])
+
+    def _holders_of(self, index: int) -> list[Peer]:
+        return [p for p in self.peers if p.has(index)]
 
     def _connect_holders_when_idle(self, now: float) -> None:
         """A finished stripe does not connect to the holders at once: its pieces
@@ -232,7 +235,7 @@ class CooperativeFetch:
                 continue
             self.holders_connected.add(index)
             self.fleet.swarm.connect((self.digest, index),
-                                     [(p.host, p.port) for p in self.peers if p.has(index)])
+                                     [(p.host, p.port) for p in self._holders_of(index)])
 
     def _on_event(self, event: SwarmEvent) -> None:
         index = event.key[1]

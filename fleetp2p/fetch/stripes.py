@@ -27,9 +27,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Iterator
 
 from fleetp2p.fetch.download import Download
+from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.peerhttp import PeerReader
 from fleetp2p.store import Geometry
 from fleetp2p.swarm import Swarm
@@ -67,9 +67,7 @@ class Stripes:
         self.members: dict[int, set[str]] = {}
         self._tasks: dict[int, asyncio.Task] = {}
         self._reads = asyncio.Semaphore(CONCURRENT_READS)
-        self._open = asyncio.Event()
-        self._open.set()
-        self._holds = 0
+        self._holds = Holds()
 
     def active(self, index: int) -> bool:
         task = self._tasks.get(index)
@@ -89,19 +87,11 @@ class Stripes:
         if index in self.members:
             self.members[index] |= members
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> contextlib.AbstractContextManager:
         """No new reads meanwhile: while this node fetches a leased segment from
         upstream (the fleet waits for it, and reads would share its downlink), or
         the piece a client is blocked on (holders' uplinks go to first pieces)."""
-        self._holds += 1
-        self._open.clear()
-        try:
-            yield
-        finally:
-            self._holds -= 1
-            if not self._holds:
-                self._open.set()
+        return self._holds.held()
 
     def cancel(self) -> None:
         for task in self._tasks.values():
@@ -118,7 +108,7 @@ class Stripes:
                 continue
             lo = start + piece * piece_size
             hi = min(lo + piece_size, end)
-            await self._open.wait()
+            await self._holds.wait_free()
             async with self._reads:
                 if self.download.has_piece(first + piece):
                     continue

@@ -12,12 +12,11 @@ of one it is fetching, or the verified parts of a lazily read one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +25,7 @@ from fleetp2p.errors import FleetError
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.announcer import Announcer
+from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.timed import timed
 from fleetp2p.registry.ranges import parse_range
 from fleetp2p.store import BlobStore, SegmentReader
@@ -124,13 +124,13 @@ class PeerReader:
 def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Application:
     """Server side: the only routes other nodes can reach on this node's HTTP port."""
     secret = f"Bearer {token}".encode() if token else None
-    urgent = _Urgent()
+    urgent = Holds()  # reads a client is blocked on go before bulk ones (stripes)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.headers.get(BULK_HEADER):
-            await urgent.quiet()
+            await urgent.wait_free(BULK_MAX_WAIT)  # bounded: bulk reads must not starve
             return await serve(request)
-        with urgent.serving():
+        with urgent.held():
             return await serve(request)
 
     async def serve(request: web.Request) -> web.StreamResponse:
@@ -170,33 +170,6 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     app = web.Application()
     app.router.add_get("/peer/v1/blobs/{digest}", handle)
     return app
-
-
-class _Urgent:
-    """Reads a client is blocked on go before bulk ones: a bulk read waits (a
-    bounded time: it must not starve) while any other read is being answered."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        self.count += 1
-        self.idle.clear()
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if not self.count:
-                self.idle.set()
-
-    async def quiet(self) -> None:
-        try:
-            await asyncio.wait_for(self.idle.wait(), BULK_MAX_WAIT)
-        except asyncio.TimeoutError:
-            pass
 
 
 def store_lookup(store: BlobStore, lazy_blob: Callable, download: Callable) -> Lookup:

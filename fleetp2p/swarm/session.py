@@ -61,6 +61,12 @@ def session_settings(listen: str) -> dict:
     }
 
 
+def _set_limits(handle: "lt.torrent_handle", rate: int) -> None:
+    """Bytes/s each way; -1: no cap."""
+    handle.set_download_limit(rate)
+    handle.set_upload_limit(rate)
+
+
 class Swarm:
     def __init__(self, listen: str, metrics: Metrics) -> None:
         self.listen = listen
@@ -145,8 +151,7 @@ class Swarm:
         params.flags = flags
         handle = self._session.add_torrent(params)
         if key[0] in self._limits:
-            handle.set_download_limit(self._limits[key[0]])
-            handle.set_upload_limit(self._limits[key[0]])
+            _set_limits(handle, self._limits[key[0]])
         self._handles[key] = handle
         self._keys[str(handle.info_hash())] = key
 
@@ -159,8 +164,7 @@ class Swarm:
             self._limits.pop(digest, None)
         for key, handle in self._handles.items():
             if key[0] == digest:
-                handle.set_download_limit(rate or -1)
-                handle.set_upload_limit(rate or -1)
+                _set_limits(handle, rate or -1)
 
     def disconnect(self, key: SegmentKey) -> None:
         """Drop every connection of a segment's torrent (its pieces stay)."""

@@ -80,3 +80,10 @@ async def test_python_m_tracker_process():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_negative_lease_limit_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "tracker", "--listen", "127.0.0.1:0",
+                           "--lease-limit", "-1"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "fleetp2p tracker: --lease-limit must be 0 (no limit) or more"
