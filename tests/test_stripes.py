@@ -16,7 +16,7 @@ from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.stripes import owner, scarce
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
-from fleetp2p.peering.peerhttp import BULK_HEADER, peer_app
+from fleetp2p.peering.peerhttp import BULK_HEADER, _left, peer_app
 from fleetp2p.store import Geometry
 
 DIGEST = "sha256:" + "ab" * 32
@@ -88,3 +88,32 @@ async def test_bulk_reads_wait_for_urgent_ones():
             assert bulk_done > urgent_done                 # it waited instead of sharing the link
     finally:
         await server.close()
+
+
+async def test_a_response_counts_as_sent_once_acknowledged():
+    """`_left` waits while the receiver leaves bytes unread (they stay in the
+    sender's queue), and returns as soon as it has read them."""
+    received = bytearray()
+    reading = asyncio.Event()
+
+    async def receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reading.wait()
+        while len(received) < 4 * 1024 * 1024:
+            received.extend(await reader.read(1 << 20))
+        writer.close()
+
+    server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x" * (4 * 1024 * 1024))
+        started = time.monotonic()
+        await _left(writer.transport, limit=0.3)           # nobody reads: gives up at the limit
+        assert time.monotonic() - started >= 0.3
+        reading.set()
+        started = time.monotonic()
+        await _left(writer.transport, limit=5.0)
+        assert time.monotonic() - started < 2.0 and len(received) >= 4 * 1024 * 1024 - 16 * 1024
+        writer.close()
+    finally:
+        server.close()

@@ -123,7 +123,14 @@ class CooperativeFetch:
         unsubscribe = self.fleet.swarm.subscribe(self.digest, self._on_event)
         poller = asyncio.create_task(self._poll(), name=f"poll {self.digest[:19]}")
         try:
+            # A client waits for the first piece, which needs a holder, not the swarm.
+            first = self.download.written // self.geometry.segment_size
+            early = first in self.record.segments and \
+                self._add_segment(first, self.record.segments[first])
             await self.fleet.announcer.join_swarm(self.digest)
+            if early:
+                self._connect(first)
+                self._refresh_peers_soon()
             while len(self.done) < self.geometry.segments:
                 if self._failure is not None:
                     raise self._failure
@@ -160,23 +167,28 @@ class CooperativeFetch:
 
     def _swarm_published(self) -> None:
         for index, meta in self.record.segments.items():
-            if index in self.done or index in self.swarming or index in self.fetching:
-                continue
-            try:
-                check_metainfo(meta.metainfo, index, self.geometry.segment_length(index),
-                               self.geometry.piece_size)
-            except ValueError as e:
-                log.warning("ignoring bad metainfo for %s segment %d: %s", self.digest, index, e)
-                continue
-            key = (self.digest, index)
-            self.fleet.swarm.add_segment(key, meta.metainfo, self.directory, seed=False)
-            self._keep_metainfo(index, meta.metainfo)
-            self.swarming[index] = self.last_progress = time.monotonic()
-            self.download.segment_sources[index] = "peer"
-            if index == self.download.written // self.geometry.segment_size:
-                self._spawn(self._first_piece_over_http(index, meta.metainfo))
-            self._connect(index)
-            self._refresh_peers_soon()
+            if index not in self.done and index not in self.fetching and self._add_segment(index, meta):
+                self._connect(index)
+                self._refresh_peers_soon()
+
+    def _add_segment(self, index: int, meta) -> bool:
+        """Start the segment's torrent (and the read of the piece a client waits
+        for, if it is in there); False if already started or its metainfo is bad."""
+        if index in self.swarming:
+            return False
+        try:
+            check_metainfo(meta.metainfo, index, self.geometry.segment_length(index),
+                           self.geometry.piece_size)
+        except ValueError as e:
+            log.warning("ignoring bad metainfo for %s segment %d: %s", self.digest, index, e)
+            return False
+        self.fleet.swarm.add_segment((self.digest, index), meta.metainfo, self.directory, seed=False)
+        self._keep_metainfo(index, meta.metainfo)
+        self.swarming[index] = self.last_progress = time.monotonic()
+        self.download.segment_sources[index] = "peer"
+        if index == self.download.written // self.geometry.segment_size:
+            self._spawn(self._first_piece_over_http(index, meta.metainfo))
+        return True
 
     def _refresh_peers_soon(self) -> None:
         if self._refreshing is None or self._refreshing.done():

@@ -12,9 +12,11 @@ of one it is fetching, or the verified parts of a lazily read one).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hmac
 import logging
 import random
+import termios
 import time
 from collections.abc import Callable
 
@@ -40,6 +42,13 @@ MAX_PEER_RANGE = 64 * 1024 * 1024
 PEERS_TO_TRY = 3
 BULK_HEADER = "X-Fleetp2p-Bulk"
 BULK_MAX_WAIT = 1.0
+# Responses a holder sends at once (per kind). A few flows fill any link;
+# more only deepen the queue at its uplink, where new connections' handshakes
+# are dropped (a 1 s SYN retry) and urgent reads wait behind bulk bytes.
+BULK_SLOTS = 4
+URGENT_SLOTS = 4
+LEFT_POLL = 0.005         # seconds between looks at a socket's send queue
+LEFT_SLACK = 16 * 1024    # unacknowledged bytes that count as "left"
 
 # (digest, start, end) → (open a reader, blob size) when this node holds those bytes verified.
 Lookup = Callable[[Digest, int, int], "tuple[Callable[[], SegmentReader], int] | None"]
@@ -125,13 +134,29 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     """Server side: the only routes other nodes can reach on this node's HTTP port."""
     secret = f"Bearer {token}".encode() if token else None
     urgent = Holds()  # reads a client is blocked on go before bulk ones (stripes)
+    bulk_slots = asyncio.Semaphore(BULK_SLOTS)
+    urgent_slots = asyncio.Semaphore(URGENT_SLOTS)
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        if request.headers.get(BULK_HEADER):
-            await urgent.wait_free(BULK_MAX_WAIT)  # bounded: bulk reads must not starve
-            return await serve(request)
-        with urgent.held():
-            return await serve(request)
+        """Few responses at a time, each until it has left: fifteen first pieces
+        sent together all arrive at the end (fair share), sent a few at a time
+        the median one arrives in half that time. Bulk reads wait while any
+        urgent one is queued or sent."""
+        if not request.headers.get(BULK_HEADER):
+            with urgent.held():
+                async with urgent_slots:
+                    return await sent(request, await serve(request))
+        await urgent.wait_free(BULK_MAX_WAIT)  # bounded: bulk reads must not starve
+        async with bulk_slots:
+            return await sent(request, await serve(request))
+
+    async def sent(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        """Sent, and (nearly) acknowledged: a response holds the uplink until it
+        has left, not until it is in the kernel's send buffer."""
+        await response.prepare(request)
+        await response.write_eof()
+        await _left(request.transport)
+        return response
 
     async def serve(request: web.Request) -> web.StreamResponse:
         if secret is not None and not hmac.compare_digest(
@@ -170,6 +195,24 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     app = web.Application()
     app.router.add_get("/peer/v1/blobs/{digest}", handle)
     return app
+
+
+async def _left(transport: asyncio.WriteTransport | None, limit: float = PEER_TIMEOUT) -> None:
+    """Until the transport's buffer and the socket's send queue are (almost)
+    empty: the bytes were acknowledged by the receiver."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if transport is None or sock is None:
+        return
+    deadline = time.monotonic() + limit
+    buf = bytearray(4)
+    while time.monotonic() < deadline:
+        try:
+            fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+        except OSError:
+            return
+        if int.from_bytes(buf, "little") + transport.get_write_buffer_size() <= LEFT_SLACK:
+            return
+        await asyncio.sleep(LEFT_POLL)
 
 
 def store_lookup(store: BlobStore, lazy_blob: Callable, download: Callable) -> Lookup:
