@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 
 from fleetp2p.fetch.download import Download
-from fleetp2p.fetch.stripes import owner, scarce
+from fleetp2p.fetch.stripes import Slots, owner, scarce
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.peerhttp import BULK_HEADER, _left, peer_app
@@ -117,3 +117,22 @@ async def test_a_response_counts_as_sent_once_acknowledged():
         writer.close()
     finally:
         server.close()
+
+
+async def test_stripe_reads_go_lowest_piece_first():
+    """Segments' stripes run one after another: a waiter for an earlier piece
+    overtakes later ones, and a cancelled waiter does not keep its turn."""
+    slots = Slots(1)
+    order: list[int] = []
+
+    async def read(piece: int) -> None:
+        async with slots.slot(piece):
+            order.append(piece)
+            await asyncio.sleep(0.01)
+
+    async with slots.slot(0):
+        tasks = {p: asyncio.create_task(read(p)) for p in (900, 5, 300, 7)}
+        await asyncio.sleep(0.01)
+        tasks[7].cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+    assert order == [5, 300, 900]

@@ -26,6 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator
 import logging
 
 from fleetp2p.fetch.download import Download
@@ -42,6 +45,43 @@ log = logging.getLogger(__name__)
 # before the others show up, and their flows crowd out everyone's first piece.
 STRIPE_RATIO = 1
 CONCURRENT_READS = 2  # per blob: enough to keep a holder busy, little memory on its side
+
+
+class Slots:
+    """A semaphore that lets the lowest-numbered waiter in first: stripes of a
+    blob's segments run one after another, not interleaved, so segments
+    complete (are verified, stream to clients, seed) early and one at a time."""
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._waiting: list[tuple[int, int, asyncio.Future]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
+        else:
+            future = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (priority, next(self._order), future))
+            try:
+                await future
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._release()  # granted as we were cancelled: pass it on
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)
+                return
+        self._free += 1
 
 
 def scarce(holders: int, downloaders: int) -> bool:
@@ -66,7 +106,7 @@ class Stripes:
         self.node_id = node_id
         self.members: dict[int, set[str]] = {}
         self._tasks: dict[int, asyncio.Task] = {}
-        self._reads = asyncio.Semaphore(CONCURRENT_READS)
+        self._reads = Slots(CONCURRENT_READS)
         self._holds = Holds()
 
     def active(self, index: int) -> bool:
@@ -109,7 +149,7 @@ class Stripes:
             lo = start + piece * piece_size
             hi = min(lo + piece_size, end)
             await self._holds.wait_free()
-            async with self._reads:
+            async with self._reads.slot(first + piece):
                 if self.download.has_piece(first + piece):
                     continue
                 data = await self.reader.read(self.download.digest, lo, hi, segment=index, bulk=True)

@@ -45,7 +45,7 @@ BULK_MAX_WAIT = 1.0
 # Responses a holder sends at once (per kind). A few flows fill any link;
 # more only deepen the queue at its uplink, where new connections' handshakes
 # are dropped (a 1 s SYN retry) and urgent reads wait behind bulk bytes.
-BULK_SLOTS = 4
+BULK_SLOTS = 8
 URGENT_SLOTS = 4
 LEFT_POLL = 0.005         # seconds between looks at a socket's send queue
 LEFT_SLACK = 16 * 1024    # unacknowledged bytes that count as "left"
