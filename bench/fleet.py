@@ -2,7 +2,7 @@
 on its own network namespace with a shaped link (tests/fleet/netns.py).
 
     python bench/fleet.py [--nodes 16] [--size 256MiB] [--link 100mbit] [--upstream-rate RATE]
-                          [--segment-size 64MiB] [--piece-size 1MiB] [--phases warm,cold,baseline]
+                          [--segment-size 32MiB] [--piece-size 256KiB] [--phases warm,cold,baseline]
                           [--trace SECONDS] [-v]
 
 Phases (each with fresh agents, empty stores and a fresh tracker):
@@ -203,6 +203,9 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
                 notes = [line for line in lines if kind in line]
                 if notes:
                     print(f"  {a.host.name}: {len(notes)} × {kind!r}, e.g. {notes[0][:240]}")
+            if any("Traceback" in line for line in lines):  # the first one in full
+                first = next(i for i, line in enumerate(lines) if "Traceback" in line)
+                print("\n".join(f"    {line}" for line in lines[first - 1:first + 40]))
     return phase
 
 

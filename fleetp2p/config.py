@@ -81,7 +81,7 @@ class Config:
         20.0, "seconds without a byte from upstream before a stream is abandoned and resumed with Range")
     upstream_retries: int = key(4, "attempts per upstream request on 429, 5xx and connection errors")
     upstream_backoff: float = key(0.5, "first retry delay in seconds (doubles each attempt, with jitter)")
-    segment_size: str = key("64MiB", "blob segment (one torrent each; a power of two); huge "
+    segment_size: str = key("32MiB", "blob segment (one torrent each; a power of two); huge "
                             "blobs get larger ones (at most 256 segments)")
     adaptive_segments: bool = key(False, "blobs under 16 segments get smaller ones (down to 4MiB), "
                                   "so a cold herd swarms a segment while others are still fetched")

@@ -10,7 +10,7 @@ Data model
   withdraw; long-polls wait on it.
 * **Why segments**: a torrent needs every piece hash before anyone can
   verify a byte, so one torrent per blob would make the whole fleet wait for
-  one complete upstream download. One torrent per segment (64 MiB by
+  one complete upstream download. One torrent per segment (32 MiB by
   default, at most ~256 per blob) lets the fleet swarm segment 0 while the
   fetcher still downloads segment 1.
 * **Why leases**: when many agents want the same cold blob at once, each
