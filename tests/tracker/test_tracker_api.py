@@ -16,7 +16,7 @@ from tracker.client import TrackerClient
 from tracker.errors import (BackendUnavailable, TrackerConflict, TrackerError, TrackerNotFound,
                             TrackerUnauthorized, TrackerUnavailable)
 from tracker.memory import MemoryBackend
-from tracker.models import MiB, Node, info_hash
+from tracker.models import DEFAULT_SEGMENT_SIZE as SEG, MiB, Node, info_hash
 from tracker.redisbackend import RedisBackend
 from tracker.server import create_app
 
@@ -57,8 +57,8 @@ async def test_full_flow_through_client(tracker_app, clients):
     d = dg("flow")
     assert await c.health() == {"status": "ok", "backend": "memory"}
     assert await c.get_blob(d) is None
-    rec = await c.register(d, 3 * 64 * MiB + 5)
-    assert rec.segment_count == 4 and rec.segment_span(3) == (3 * 64 * MiB, 3 * 64 * MiB + 5)
+    rec = await c.register(d, 3 * SEG + 5)
+    assert rec.segment_count == 4 and rec.segment_span(3) == (3 * SEG, 3 * SEG + 5)
     grant = await c.claim(d, "a", count=2)
     assert grant.granted == [0, 1] and grant.ttl == FAST.lease
     assert (await c.claim(d, "b", segments=[1, 2])).holders == {0: "a", 1: "a"}
@@ -90,7 +90,7 @@ async def test_errors_are_msgpack_with_codes(tracker_app, clients):
     assert e.value.status == 400 and e.value.code == "BAD_REQUEST"
     with pytest.raises(TrackerNotFound):
         await c.claim(d, "a")
-    await c.register(d, 64 * MiB)
+    await c.register(d, SEG)
     with pytest.raises(TrackerConflict) as e:
         await c.register(d, 1)
     assert e.value.code == "SIZE_MISMATCH"
@@ -101,7 +101,7 @@ async def test_errors_are_msgpack_with_codes(tracker_app, clients):
                 lambda: c.claim(d, "bad node id"),
                 lambda: c.peers(d, limit=0),
                 lambda: c.announce(node("a"), {}, fetching=["sha256:nothex"]),
-                lambda: c.register(d, 64 * MiB, segment_size=3 * MiB),
+                lambda: c.register(d, SEG, segment_size=3 * MiB),
                 lambda: c.wait(d, 0, timeout=3600)):
         with pytest.raises(TrackerError) as e:
             await bad()
@@ -168,7 +168,7 @@ async def test_metrics(tracker_app, clients):
     url = await tracker_app(MemoryBackend(FAST))
     c = clients(url)
     d = dg("metrics")
-    await c.register(d, 2 * 64 * MiB)
+    await c.register(d, 2 * SEG)
     await c.claim(d, "a")
     await c.claim(d, "a")                                       # renewal: not counted again
     await asyncio.sleep(FAST.lease + 0.1)
@@ -193,7 +193,7 @@ async def test_two_trackers_on_one_redis(tracker_app, clients, redis_url):
     url_a, url_b = await two_redis_trackers(tracker_app, redis_url)
     a, b = clients(url_a), clients(url_b)
     d = dg("shared")
-    await a.register(d, 2 * 64 * MiB)
+    await a.register(d, 2 * SEG)
     await a.announce(node("seed"), {d: "all"})
     assert [p.node_id for p in await b.peers(d, node="leecher")] == ["seed"]
     waiter = asyncio.create_task(b.wait(d, 0, timeout=10))
@@ -209,7 +209,7 @@ async def test_concurrent_claims_across_trackers(tracker_app, clients, redis_url
     url_a, url_b = await two_redis_trackers(tracker_app, redis_url)
     pair = [clients(url_a), clients(url_b)]
     d = dg("race")
-    await pair[0].register(d, 8 * 64 * MiB)
+    await pair[0].register(d, 8 * SEG)
     grants = await asyncio.gather(*(pair[i % 2].claim(d, f"node{i}") for i in range(8)))
     granted = sorted(s for g in grants for s in g.granted)
     assert granted == list(range(8))
@@ -220,7 +220,7 @@ async def test_lease_expiry_releases_to_next_claimer(tracker_app, clients, redis
     url_a, url_b = await two_redis_trackers(tracker_app, redis_url)
     a, b = clients(url_a), clients(url_b)
     d = dg("expiry")
-    await a.register(d, 64 * MiB)
+    await a.register(d, SEG)
     assert (await a.claim(d, "dies")).granted == [0]
     assert (await b.claim(d, "waits")).granted == []
     await asyncio.sleep(FAST.lease + 0.15)

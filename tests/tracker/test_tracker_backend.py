@@ -14,7 +14,7 @@ import pytest
 
 from tracker.backend import Timeouts
 from tracker.errors import BadRequest, BlobUnknown, Conflict
-from tracker.models import ALL, MiB, Node, info_hash
+from tracker.models import ALL, DEFAULT_SEGMENT_SIZE as SEG, MiB, Node, info_hash
 
 
 def dg(n: object) -> str:
@@ -45,10 +45,10 @@ async def test_register_is_idempotent_and_first_writer_wins(make_backend):
 
 async def test_default_geometry(make_backend):
     b = await make_backend()
-    rec, _ = await b.register(dg("g"), 20 * 1000**3)          # 20 GB: segments grow past 64 MiB
+    rec, _ = await b.register(dg("g"), 20 * 1000**3)          # 20 GB: segments grow past the default
     assert rec.segment_size == 128 * MiB and rec.piece_size == MiB // 4 and rec.segment_count <= 256
     tiny, _ = await b.register(dg("tiny"), 10)
-    assert (tiny.segment_size, tiny.piece_size, tiny.segment_count) == (64 * MiB, MiB // 4, 1)
+    assert (tiny.segment_size, tiny.piece_size, tiny.segment_count) == (SEG, MiB // 4, 1)
     empty, _ = await b.register(dg("empty"), 0)
     assert empty.segment_count == 0 and empty.complete
 
@@ -56,7 +56,7 @@ async def test_default_geometry(make_backend):
 async def test_claimers_get_different_segments(make_backend):
     b = await make_backend()
     d = dg("cold")
-    await b.register(d, 4 * 64 * MiB)
+    await b.register(d, 4 * SEG)
     a = await b.claim(d, "a")
     c = await b.claim(d, "c")
     assert a.granted == [0] and c.granted == [1]
@@ -71,7 +71,7 @@ async def test_claimers_get_different_segments(make_backend):
 async def test_lease_limit_per_blob(make_backend):
     b = await make_backend(Timeouts(lease=0.4, announce=0.6, blob=3600.0, lease_limit=2))
     d = dg("limited")
-    await b.register(d, 6 * 64 * MiB)
+    await b.register(d, 6 * SEG)
     assert (await b.claim(d, "a", count=3)).granted == [0, 1]   # the limit, not the count
     assert (await b.claim(d, "c")).granted == []                  # waits: segments 0, 1 are out
     assert (await b.claim(d, "a", count=3)).granted == [0, 1]   # renews, still no third
@@ -86,7 +86,7 @@ async def test_lease_limit_per_blob(make_backend):
 async def test_claim_wanted_segments_in_order(make_backend):
     b = await make_backend()
     d = dg("want")
-    await b.register(d, 8 * 64 * MiB)
+    await b.register(d, 8 * SEG)
     g = await b.claim(d, "a", segments=[5, 2, 7], count=2)
     assert g.granted == [5, 2]
     assert (await b.claim(d, "b", segments=[2, 7])).granted == [7]
@@ -99,7 +99,7 @@ async def test_claim_wanted_segments_in_order(make_backend):
 async def test_publish_clears_lease_and_bumps_version(make_backend):
     b = await make_backend()
     d = dg("pub")
-    await b.register(d, 3 * 64 * MiB)
+    await b.register(d, 3 * SEG)
     await b.claim(d, "a", count=3)
     rec = await b.publish(d, 1, "a", META[1])
     assert rec.version == 1 and rec.segments[1].node == "a"
@@ -119,7 +119,7 @@ async def test_publish_clears_lease_and_bumps_version(make_backend):
 async def test_renew_and_release(make_backend):
     b = await make_backend()
     d = dg("renew")
-    await b.register(d, 4 * 64 * MiB)
+    await b.register(d, 4 * SEG)
     await b.claim(d, "a", count=2)
     await b.claim(d, "b", count=2)
     r = await b.renew(d, "a", [0, 1, 2])
@@ -133,7 +133,7 @@ async def test_renew_and_release(make_backend):
 async def test_expired_lease_is_reclaimed(make_backend):
     b = await make_backend()
     d = dg("expire")
-    await b.register(d, 2 * 64 * MiB)
+    await b.register(d, 2 * SEG)
     assert (await b.claim(d, "dead")).granted == [0]
     assert (await b.claim(d, "x")).granted == [1]
     await asyncio.sleep(b.timeouts.lease + 0.15)
@@ -146,7 +146,7 @@ async def test_expired_lease_is_reclaimed(make_backend):
 async def test_slow_holder_keeps_lease_nobody_took(make_backend):
     b = await make_backend()
     d = dg("slow")
-    await b.register(d, 64 * MiB)
+    await b.register(d, SEG)
     await b.claim(d, "slow")
     await asyncio.sleep(b.timeouts.lease + 0.15)
     assert (await b.renew(d, "slow", [0])).renewed == [0]
@@ -155,7 +155,7 @@ async def test_slow_holder_keeps_lease_nobody_took(make_backend):
 async def test_withdraw_removes_metainfo_and_holdings(make_backend):
     b = await make_backend()
     d = dg("withdraw")
-    await b.register(d, 3 * 64 * MiB)
+    await b.register(d, 3 * SEG)
     await b.announce(node("full"), {d: ALL})
     await b.announce(node("part"), {d: frozenset({1, 2})})
     await b.publish(d, 1, "pub", META[1])
@@ -174,7 +174,7 @@ async def test_withdraw_removes_metainfo_and_holdings(make_backend):
 async def test_announce_and_peer_selection(make_backend):
     b = await make_backend()
     d = dg("peers")
-    await b.register(d, 4 * 64 * MiB)
+    await b.register(d, 4 * SEG)
     await b.announce(node("me", "z1", "r1"), {d: frozenset({0})})
     await b.announce(node("far-full", "z2", "r1"), {d: ALL})
     await b.announce(node("zone-part", "z1", "r9"), {d: frozenset({2, 3})})
@@ -198,7 +198,7 @@ async def test_announce_and_peer_selection(make_backend):
 async def test_downloaders_are_swarm_peers_after_holders(make_backend):
     b = await make_backend()
     d, other = dg("fetching"), dg("elsewhere")
-    await b.register(d, 4 * 64 * MiB)
+    await b.register(d, 4 * SEG)
     await b.announce(node("seed"), {d: ALL})
     await b.announce(node("part"), {d: frozenset({1})}, fetching=[d])
     await b.announce(node("new"), {}, fetching=[d, other])
@@ -248,7 +248,7 @@ async def test_announce_full_replace_removed_and_resync(make_backend):
 async def test_nodes_expire_and_leave(make_backend):
     b = await make_backend()
     d = dg("live")
-    await b.register(d, 2 * 64 * MiB)
+    await b.register(d, 2 * SEG)
     await b.announce(node("gone"), {d: ALL})
     await b.announce(node("stays"), {d: ALL})
     await b.claim(d, "stays", count=2)
@@ -267,7 +267,7 @@ async def test_nodes_expire_and_leave(make_backend):
 async def test_publish_adds_publisher_to_holders(make_backend):
     b = await make_backend()
     d = dg("holder")
-    await b.register(d, 2 * 64 * MiB)
+    await b.register(d, 2 * SEG)
     await b.announce(node("pub"), {})
     await b.publish(d, 0, "pub", META[0])
     [p] = await b.peers(d, "someone")
@@ -280,7 +280,7 @@ async def test_wait_wakes_on_publish_from_other_tracker(make_backend):
     a = await make_backend()
     b = await make_backend(shared_with=a)
     d = dg("wait")
-    await a.register(d, 2 * 64 * MiB)
+    await a.register(d, 2 * SEG)
     assert (await b.wait(d, -1, 5)).version == 0              # already newer: at once
     waiter = asyncio.create_task(b.wait(d, 0, 5))
     await asyncio.sleep(0.05)
@@ -298,7 +298,7 @@ async def test_wait_wakes_on_publish_from_other_tracker(make_backend):
 async def test_wait_timeout_and_unknown(make_backend):
     b = await make_backend()
     d = dg("timeout")
-    await b.register(d, 64 * MiB)
+    await b.register(d, SEG)
     loop = asyncio.get_running_loop()
     start = loop.time()
     rec = await b.wait(d, 0, 0.3)
@@ -311,7 +311,7 @@ async def test_concurrent_claims_grant_each_segment_once(make_backend):
     a = await make_backend()
     b = await make_backend(shared_with=a)
     d = dg("race")
-    await a.register(d, 8 * 64 * MiB)
+    await a.register(d, 8 * SEG)
     grants = await asyncio.gather(*((a if i % 2 else b).claim(d, f"n{i}") for i in range(8)))
     segments = [s for g in grants for s in g.granted]
     assert sorted(segments) == list(range(8))
@@ -320,7 +320,7 @@ async def test_concurrent_claims_grant_each_segment_once(make_backend):
 async def test_blob_records_expire(make_backend):
     b = await make_backend(Timeouts(lease=1, announce=1, blob=0.3))
     d = dg("forget")
-    await b.register(d, 64 * MiB)
+    await b.register(d, SEG)
     assert (await b.stats()).blobs == 1
     await asyncio.sleep(0.45)
     assert await b.get_blob(d) is None

@@ -9,7 +9,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from tracker.backend import Timeouts
-from tracker.models import MiB
+from tracker.models import DEFAULT_SEGMENT_SIZE as SEG, MiB
 from tracker.redisbackend import RedisBackend
 
 
@@ -31,7 +31,7 @@ async def test_waiters_survive_a_dropped_subscription(redis_url):
     admin = aioredis.from_url(redis_url)
     try:
         d = dg("reconnect")
-        await a.register(d, 2 * 64 * MiB)
+        await a.register(d, 2 * SEG)
         waiter = asyncio.create_task(b.wait(d, 0, 10))
         await asyncio.sleep(0.05)
         assert await admin.client_kill_filter(_type="pubsub") >= 2   # both trackers' subscriptions
@@ -57,7 +57,7 @@ async def test_no_segment_granted_twice_under_contention(redis_url):
     try:
         digests = [dg(f"contend{i}") for i in range(20)]
         for d in digests:
-            await a.register(d, 8 * 64 * MiB)
+            await a.register(d, 8 * SEG)
         claims = [(a if n % 2 else b).claim(d, f"n{n}", count=1 + n % 3)
                   for d in digests for n in range(8)]
         grants = await asyncio.gather(*claims)
