@@ -238,6 +238,11 @@ def report(phases: Sequence[Phase], args: argparse.Namespace, size: int) -> int:
             print(f"  (of which headers: median {statistics.median(headers):.3f} s, "
                   f"max {max(headers):.3f} s)")
     for p in phases:
+        done = sorted(r.done_at - p.start_at for r in p.results if r.done_at is not None)
+        if done:
+            print(f"{p.name}: clients done after {done[0]:.1f} s (first), "
+                  f"{statistics.median(done):.1f} s (median), {done[-1]:.1f} s (last)")
+    for p in phases:
         bad = [r for r in p.results if not r.verified(p.digest, p.size)]
         for r in bad:
             print(f"{p.name}: {r.host} has no verified copy: status {r.status}, {r.bytes} bytes, "

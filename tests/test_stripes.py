@@ -1,10 +1,12 @@
-"""Stripes (fleetp2p/fetch/stripes.py) and the peer HTTP rule they rely on:
-ownership every member agrees on, and bulk reads yielding to urgent ones. The whole path
+"""Stripes (fleetp2p/fetch/stripes.py) and the rules around them:
+ownership every member agrees on, bulk reads yielding to urgent ones, lease rotation
+and blob-wide rate caps. The whole path
 through real libtorrent swarms runs in test_swarm_fetch.py and tests/fleet."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -12,14 +14,18 @@ from pathlib import Path
 import aiohttp
 from aiohttp.test_utils import TestServer
 
+from fleetp2p.fetch.cooperative import leaves_lease_to_others
 from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.stripes import Slots, owner, scarce
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.peerhttp import BULK_HEADER, _left, peer_app
 from fleetp2p.store import Geometry
+from fleetp2p.swarm import Swarm, make_metainfo
+from tracker.models import BlobRecord, MiB, Peer, SegmentMeta
 
 DIGEST = "sha256:" + "ab" * 32
+PIECE = 64 * 1024
 
 
 def test_every_member_computes_the_same_owner_and_shares_are_even():
@@ -156,3 +162,36 @@ async def test_a_reader_that_gives_up_is_no_server_error(caplog):
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
     finally:
         await server.close()
+
+
+def test_a_publisher_leaves_the_next_lease_to_a_node_that_fetched_nothing():
+    meta = SegmentMeta(0, b"d4:infode", "a", "00" * 20)
+    record = BlobRecord(DIGEST, 4 * MiB, MiB, MiB // 4, 1, {0: meta})
+
+    def peer(node: str, fetching: bool = True) -> Peer:
+        return Peer(node, "10.0.0.1", 6881, None, {}, False, (), fetching)
+
+    assert leaves_lease_to_others("a", record, [peer("b")])
+    assert not leaves_lease_to_others("b", record, [peer("a")])          # fetched nothing yet
+    assert not leaves_lease_to_others("a", record, [peer("b", fetching=False)])
+    assert not leaves_lease_to_others("a", record, [])                   # nobody else: claim it
+
+
+async def test_a_blob_cap_is_shared_by_its_segments(tmp_path):
+    swarm = Swarm("127.0.0.1:0", Metrics())
+    await swarm.start()
+    try:
+        for index in range(4):
+            directory = tmp_path / str(index)
+            directory.mkdir()
+            (directory / str(index)).write_bytes(bytes(PIECE))
+            metainfo = make_metainfo(index, PIECE, PIECE, [hashlib.sha1(bytes(PIECE)).digest()])
+            swarm.add_segment((DIGEST, index), metainfo, directory, seed=True)
+            if index == 1:
+                swarm.limit(DIGEST, 400_000)       # segments added later share it too
+        limits = [h.download_limit() for h in swarm._handles.values()]
+        assert limits == [100_000] * 4
+        swarm.limit(DIGEST, 0)
+        assert all(h.download_limit() <= 0 for h in swarm._handles.values())
+    finally:
+        await swarm.close()

@@ -29,6 +29,7 @@ from fleetp2p.swarm.metainfo import torrent_info
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL = 5.0
+MIN_RATE = 16 * 1024  # bytes/s: one block per second, so a capped torrent still moves
 Listener = Callable[[SwarmEvent], None]
 
 
@@ -150,21 +151,27 @@ class Swarm:
             flags |= lt.torrent_flags.seed_mode
         params.flags = flags
         handle = self._session.add_torrent(params)
-        if key[0] in self._limits:
-            _set_limits(handle, self._limits[key[0]])
         self._handles[key] = handle
         self._keys[str(handle.info_hash())] = key
+        if key[0] in self._limits:
+            self._apply_limit(key[0])
 
     def limit(self, digest: str, rate: int) -> None:
-        """Cap a blob's torrents' download and upload rates, now and for those
-        added later (bytes/s each way; 0: no cap)."""
+        """Cap a blob's download and upload rates, now and for torrents added
+        later (bytes/s each way, for all its segments together; 0: no cap)."""
         if rate:
             self._limits[digest] = rate
         else:
             self._limits.pop(digest, None)
-        for key, handle in self._handles.items():
-            if key[0] == digest:
-                _set_limits(handle, rate or -1)
+        self._apply_limit(digest)
+
+    def _apply_limit(self, digest: str) -> None:
+        """libtorrent caps each torrent: the blob's cap is split among its
+        segments (a per-segment cap let 8 segments take 8 times the cap)."""
+        handles = [h for key, h in self._handles.items() if key[0] == digest]
+        rate = self._limits.get(digest, 0)
+        for handle in handles:
+            _set_limits(handle, max(MIN_RATE, rate // len(handles)) if rate else -1)
 
     def disconnect(self, key: SegmentKey) -> None:
         """Drop every connection of a segment's torrent (its pieces stay)."""
