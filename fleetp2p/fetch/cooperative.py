@@ -401,6 +401,14 @@ class CooperativeFetch:
         upstream rate in the fleet bench."""
         self._leases_fetching += 1
         self.fleet.swarm.limit(self.digest, LEASE_SWARM_RATE)
+        for index in self.swarming:
+            # Peers already hold seconds' worth of this node's requests, and would
+            # send them at full speed whatever the cap (on the fleet bench, lease
+            # holders received nearly as much BitTorrent as upstream): new
+            # connections, with the cap from their first request.
+            self.fleet.swarm.disconnect((self.digest, index))
+            if index not in self.done:
+                self._connect(index)
         try:
             with self._stripes_paused():
                 yield
