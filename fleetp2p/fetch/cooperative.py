@@ -54,7 +54,7 @@ PEER_LIMIT = 30
 PEER_REFRESH = 2.0       # first re-ask for peers after this, then doubling…
 PEER_REFRESH_MAX = 30.0  # …up to this
 SEGMENT_IDLE = 2.0       # seconds without a piece of the blob before striped segments ask their holders
-LEASE_DEFER = 2.0        # seconds after a publish that publishers leave the next lease to others
+LEASE_DEFER = 10.0       # seconds after a publish that publishers leave the next lease to others
 LEASE_SWARM_RATE = 256 * 1024  # bytes/s a lease holder swarms while its link carries upstream bytes
 TICK = 0.5
 
@@ -313,7 +313,11 @@ class CooperativeFetch:
 
     def _defers_lease(self, now: float) -> bool:
         """See leaves_lease_to_others; if nobody took the lease within
-        LEASE_DEFER of the last publish (they died, or are slow), anyone may."""
+        LEASE_DEFER of the last publish this node saw (they died, or are slow),
+        anyone may. The window outlasts a lease: this node may see a publish
+        only after its claim for the next segment went out, so the window runs
+        from the publish before, and at 2 s two of eight leases on the fleet
+        bench still went to publishers."""
         if self._defer_version != self.record.version:
             self._defer_version, self._defer_since = self.record.version, now
         return now - self._defer_since < LEASE_DEFER and \
