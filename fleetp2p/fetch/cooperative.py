@@ -44,7 +44,7 @@ from fleetp2p.swarm.metainfo import check_metainfo, piece_hash
 from fleetp2p.upstream import UpstreamClient
 from tracker.client import TrackerClient
 from tracker.errors import TrackerError, TrackerUnavailable
-from tracker.models import BlobRecord, Peer
+from tracker.models import BlobRecord, Peer, SegmentMeta
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class CooperativeFetch:
                 self._connect(index)
                 self._refresh_peers_soon()
 
-    def _add_segment(self, index: int, meta) -> bool:
+    def _add_segment(self, index: int, meta: SegmentMeta) -> bool:
         """Start the segment's torrent (and the read of the piece a client waits
         for, if it is in there); False if already started or its metainfo is bad."""
         if index in self.swarming:
@@ -405,14 +405,13 @@ class CooperativeFetch:
         upstream rate in the fleet bench."""
         self._leases_fetching += 1
         self.fleet.swarm.limit(self.digest, LEASE_SWARM_RATE)
-        for index in self.swarming:
+        for index in self.swarming - self.done:
             # Peers already hold seconds' worth of this node's requests, and would
             # send them at full speed whatever the cap (on the fleet bench, lease
             # holders received nearly as much BitTorrent as upstream): new
             # connections, with the cap from their first request.
             self.fleet.swarm.disconnect((self.digest, index))
-            if index not in self.done:
-                self._connect(index)
+            self._connect(index)
         try:
             with self._stripes_paused():
                 yield

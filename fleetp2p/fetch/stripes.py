@@ -28,8 +28,8 @@ import contextlib
 import hashlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator
 import logging
+from collections.abc import AsyncIterator
 
 from fleetp2p.fetch.download import Download
 from fleetp2p.peering.holds import Holds
