@@ -112,11 +112,13 @@ class Agent:
 
     async def _start_embedded_tracker(self) -> None:
         """Bound before anything announces, and a clear error if the port is taken."""
+        from tracker.backend import Timeouts
         from tracker.run import create_backend
         from tracker.server import create_app
 
         config = self.config
-        backend = create_backend(config.tracker_redis or None)
+        backend = create_backend(config.tracker_redis or None,
+                                 Timeouts(lease_limit=config.tracker_lease_limit))
         runner = web.AppRunner(create_app(backend, config.tracker_token or None), access_log=None)
         await runner.setup()
         host, port = config.tracker_listen.rpartition(":")[::2]

@@ -98,6 +98,8 @@ class Config:
     tracker_listen: str = key("127.0.0.1:5051", "HOST:PORT of the embedded tracker")
     tracker_token: str = key("", "shared secret sent to (and required by) the tracker; empty: none")
     tracker_redis: str = key("", "Redis URL for the embedded tracker's state (empty: in memory)")
+    tracker_lease_limit: int = key(1, "embedded tracker: segments of one cold blob fetched from "
+                                   "upstream at once, fleet-wide (0: no limit)")
     peer_listen: str = key("127.0.0.1:6881", "HOST:PORT for BitTorrent peers; a fleet sets "
                            "0.0.0.0:6881 (or the node's address)")
     advertise_addr: str = key("", "address other nodes dial for this node's peer port; default: "
@@ -217,6 +219,8 @@ class Config:
         parse_size(self.swarm_min_size, "swarm_min_size")
         if self.peer_stall_timeout <= 0:
             raise ConfigError("peer_stall_timeout: must be > 0")
+        if self.tracker_lease_limit < 0:
+            raise ConfigError("tracker_lease_limit: must be >= 0 (0: no limit)")
         self._check_ports_distinct()
         if self.event_loop not in ("asyncio", "uvloop"):
             raise ConfigError(f"event_loop: expected asyncio or uvloop, got {self.event_loop!r}")

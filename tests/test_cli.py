@@ -28,6 +28,7 @@ def test_help_lists_commands():
     ('[[registries]]\nurl = "http://x"', "registries[0].name"),
     ('store_low_watermark = 0.99', "store_low_watermark"),
     ('listen = ', "config"),
+    ('tracker_lease_limit = -1', "tracker_lease_limit"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, content, key):
     path = tmp_path / "agent.toml"

@@ -13,6 +13,7 @@ import socket
 import aiohttp
 
 from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
+from tracker.client import TrackerClient
 
 SIZE = 5 * 1024 * 1024 + 4321
 
@@ -80,6 +81,20 @@ async def test_cold_herd_costs_one_upstream_copy(tmp_path):
         assert upstream.blob_bytes_sent <= 1.05 * SIZE
         from_peers = sum(value(a, a.metrics.segments, "peer") for a, _ in agents)
         assert from_peers >= 6  # segments each fetched once upstream, the rest from peers
+
+
+async def test_embedded_tracker_takes_its_lease_limit_from_the_config(tmp_path):
+    port = free_port()
+    settings = swarm_settings("embedded", tracker_listen=f"127.0.0.1:{port}", tracker_lease_limit=2)
+    digest = "sha256:" + "5a" * 32
+    async with running(FakeUpstream().app()) as up, agent_for(up, tmp_path / "a", **settings):
+        client = TrackerClient(f"http://127.0.0.1:{port}")
+        try:
+            await client.register(digest, 8 * 1024 * 1024, segment_size=1024 * 1024)
+            grants = [await client.claim(digest, node) for node in ("n1", "n2", "n3")]
+        finally:
+            await client.close()
+    assert [len(g.granted) for g in grants] == [1, 1, 0]
 
 
 async def test_tracker_down_goes_straight_to_upstream(tmp_path):
