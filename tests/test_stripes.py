@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from fleetp2p.fetch.cooperative import leaves_lease_to_others
 from fleetp2p.fetch.download import Download
-from fleetp2p.fetch.stripes import Slots, owner, scarce
+from fleetp2p.fetch.stripes import Slots, owner, scarce, share_of
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.peerhttp import BULK_HEADER, _left, peer_app
@@ -42,6 +42,12 @@ def test_a_newcomer_takes_pieces_only_from_others_shares():
     after = [owner(DIGEST, 3, piece, members | {"late"}) for piece in range(2000)]
     moved = [(b, a) for b, a in zip(before, after) if b != a]
     assert moved and all(a == "late" for _, a in moved)
+
+
+def test_shares_partition_a_segment():
+    members = frozenset(f"node{i}" for i in range(7))
+    shares = [share_of(DIGEST, 2, 500, members, m) for m in sorted(members)]
+    assert sorted(p for share in shares for p in share) == list(range(500))
 
 
 def test_scarce_holders():

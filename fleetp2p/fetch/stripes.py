@@ -95,6 +95,11 @@ def owner(digest: str, index: int, piece: int, members: set[str]) -> str:
     return max(members, key=score)
 
 
+def share_of(digest: str, index: int, pieces: int, members: frozenset[str], me: str) -> list[int]:
+    """The pieces of segment `index` that `me` owns among `members`."""
+    return [p for p in range(pieces) if owner(digest, index, p, members) == me]
+
+
 class Stripes:
     def __init__(self, swarm: Swarm, reader: PeerReader, download: Download, geometry: Geometry,
                  node_id: str) -> None:
@@ -142,7 +147,13 @@ class Stripes:
         piece_size = self.geometry.piece_size
         first = start // piece_size
         key = (self.digest, index)
-        for piece in range(self.geometry.pieces_in(index)):
+        # Hashing every (piece, member) pair is seconds of CPU for a huge segment:
+        # off the loop. Members only join, and a joiner only takes pieces from
+        # others' shares, so this share is a superset of the final one.
+        share = await asyncio.to_thread(share_of, self.digest, index,
+                                        self.geometry.pieces_in(index),
+                                        frozenset(self.members[index]), self.node_id)
+        for piece in share:
             if self.download.has_piece(first + piece) or \
                     owner(self.digest, index, piece, self.members[index]) != self.node_id:
                 continue
