@@ -2,7 +2,7 @@
 on its own network namespace with a shaped link (tests/fleet/netns.py).
 
     python bench/fleet.py [--nodes 16] [--size 256MiB] [--link 100mbit] [--upstream-rate RATE]
-                          [--segment-size 32MiB] [--piece-size 256KiB] [--phases warm,cold,baseline]
+                          [--segment-size 32MiB] [--piece-size 128KiB] [--phases warm,cold,baseline]
                           [--trace SECONDS] [-v]
 
 Phases (each with fresh agents, empty stores and a fresh tracker):

@@ -85,7 +85,7 @@ class Config:
                             "blobs get larger ones (at most 256 segments)")
     adaptive_segments: bool = key(False, "blobs under 16 segments get smaller ones (down to 4MiB), "
                                   "so a cold herd swarms a segment while others are still fetched")
-    piece_size: str = key("256KiB", "piece size within a segment (a power of two, >= 16KiB)")
+    piece_size: str = key("128KiB", "piece size within a segment (a power of two, >= 16KiB)")
     max_manifest_size: str = key("4MiB", "largest manifest accepted from upstream")
     log_level: str = key("info", "debug, info, warning or error")
     event_loop: str = key("asyncio", "asyncio (zero-copy sendfile for cache hits) or uvloop "

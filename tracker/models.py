@@ -17,7 +17,7 @@ from tracker.errors import BadRequest
 
 MiB = 1024 * 1024
 DEFAULT_SEGMENT_SIZE = 32 * MiB
-DEFAULT_PIECE_SIZE = 256 * 1024
+DEFAULT_PIECE_SIZE = 128 * 1024
 MAX_SEGMENTS = 256              # segments grow past this: bounded records, bounded torrents per blob
 MAX_PIECES_PER_SEGMENT = 16384  # pieces grow past this: metainfo stays under 320 KiB
 MIN_PIECE_SIZE = 16 * 1024      # BitTorrent's block size; smaller pieces make no sense

@@ -46,9 +46,9 @@ async def test_register_is_idempotent_and_first_writer_wins(make_backend):
 async def test_default_geometry(make_backend):
     b = await make_backend()
     rec, _ = await b.register(dg("g"), 20 * 1000**3)          # 20 GB: segments grow past the default
-    assert rec.segment_size == 128 * MiB and rec.piece_size == MiB // 4 and rec.segment_count <= 256
+    assert rec.segment_size == 128 * MiB and rec.piece_size == MiB // 8 and rec.segment_count <= 256
     tiny, _ = await b.register(dg("tiny"), 10)
-    assert (tiny.segment_size, tiny.piece_size, tiny.segment_count) == (SEG, MiB // 4, 1)
+    assert (tiny.segment_size, tiny.piece_size, tiny.segment_count) == (SEG, MiB // 8, 1)
     empty, _ = await b.register(dg("empty"), 0)
     assert empty.segment_count == 0 and empty.complete
 

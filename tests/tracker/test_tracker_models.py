@@ -13,10 +13,10 @@ GiB = 1024 * MiB
 
 
 @pytest.mark.parametrize("size, seg, piece", [
-    (0, 32 * MiB, MiB // 4),
-    (1, 32 * MiB, MiB // 4),
-    (256 * 32 * MiB, 32 * MiB, MiB // 4),     # exactly 256 segments: no growth
-    (256 * 32 * MiB + 1, 64 * MiB, MiB // 4),
+    (0, 32 * MiB, MiB // 8),
+    (1, 32 * MiB, MiB // 8),
+    (256 * 32 * MiB, 32 * MiB, MiB // 8),     # exactly 256 segments: no growth
+    (256 * 32 * MiB + 1, 64 * MiB, MiB // 8),
     (10 * 1024 * GiB, 64 * GiB, 4 * MiB),     # 10 TiB: pieces grow too, metainfo stays small
 ])
 def test_default_geometry(size, seg, piece):
