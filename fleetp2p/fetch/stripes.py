@@ -29,7 +29,7 @@ import hashlib
 import heapq
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Set as AbstractSet
 
 from fleetp2p.fetch.download import Download
 from fleetp2p.peering.holds import Holds
@@ -89,13 +89,13 @@ def scarce(holders: int, downloaders: int) -> bool:
     return holders > 0 and downloaders >= STRIPE_RATIO * holders
 
 
-def owner(digest: str, index: int, piece: int, members: set[str]) -> str:
+def owner(digest: str, index: int, piece: int, members: AbstractSet[str]) -> str:
     def score(member: str) -> bytes:
         return hashlib.blake2b(f"{digest}/{index}/{piece}/{member}".encode(), digest_size=8).digest()
     return max(members, key=score)
 
 
-def share_of(digest: str, index: int, pieces: int, members: frozenset[str], me: str) -> list[int]:
+def share_of(digest: str, index: int, pieces: int, members: AbstractSet[str], me: str) -> list[int]:
     """The pieces of segment `index` that `me` owns among `members`."""
     return [p for p in range(pieces) if owner(digest, index, p, members) == me]
 
