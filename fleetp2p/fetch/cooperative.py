@@ -120,6 +120,11 @@ class CooperativeFetch:
         self._defer_since = 0.0
 
     @property
+    def _reading_segment(self) -> int:
+        """The segment of the first byte readers still wait for."""
+        return self.download.written // self.geometry.segment_size
+
+    @property
     def directory(self) -> Path:
         return self.fleet.store.path_for(self.download.digest)
 
@@ -136,7 +141,7 @@ class CooperativeFetch:
         poller = asyncio.create_task(self._poll(), name=f"poll {self.digest[:19]}")
         try:
             # A client waits for the first piece, which needs a holder, not the swarm.
-            first = self.download.written // self.geometry.segment_size
+            first = self._reading_segment
             early = first in self.record.segments and \
                 self._add_segment(first, self.record.segments[first])
             await self.fleet.announcer.join_swarm(self.digest)
@@ -199,7 +204,7 @@ class CooperativeFetch:
         self.swarming.add(index)
         self.last_progress = time.monotonic()
         self.download.segment_sources[index] = "peer"
-        if index == self.download.written // self.geometry.segment_size:
+        if index == self._reading_segment:
             self._spawn(self._first_piece_over_http(index, meta.metainfo))
         return True
 

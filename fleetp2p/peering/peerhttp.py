@@ -153,12 +153,8 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     async def sent(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         """Sent, and (nearly) acknowledged: a response holds the uplink until it
         has left, not until it is in the kernel's send buffer."""
-        try:
-            await response.prepare(request)
-            await response.write_eof()
-        except ConnectionError as e:  # the reader gave up (its idle timeout) or went away
-            log.debug("peer http: %s left before its response: %s", request.remote, e)
-            return response
+        await response.prepare(request)
+        await response.write_eof()
         await _left(request.transport)
         return response
 
