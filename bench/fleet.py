@@ -3,7 +3,7 @@ on its own network namespace with a shaped link (tests/fleet/netns.py).
 
     python bench/fleet.py [--nodes 16] [--size 256MiB] [--link 100mbit] [--upstream-rate RATE]
                           [--segment-size 32MiB] [--piece-size 128KiB] [--phases warm,cold,baseline]
-                          [--trace SECONDS] [-v]
+                          [--mtu 1500] [--trace SECONDS] [-v]
 
 Phases (each with fresh agents, empty stores and a fresh tracker):
   warm      node1 pulls the blob alone first; then the other N-1 pull it at once
@@ -17,6 +17,13 @@ where the upstream must send B at least once — and the blob bytes that left
 the upstream (its access log) divided by B. Warm also reports time to first
 byte from a peer (client-measured, median and max over nodes).
 Targets: warm <= 1.3, cold <= 1.6, upstream <= 1.05 x B, peer TTFB < 0.3 s.
+
+Every link has MTU 1500 by default. All hosts share this machine's cores, so
+the kernel's per-packet work for every host (veth, bridge, tbf, TCP) competes
+with the agents for the same CPUs: 16 nodes at 100 Mbit/s keep 2 cores about
+95 % busy, and the ratios are then bound by CPU, not by the links. `--mtu 9000`
+(jumbo frames, common in data centres) carries the same bytes in fewer, larger
+packets; comparing the two runs shows how much of a ratio is the simulation.
 
 Needs root (network namespaces). Everything it starts — namespaces, processes,
 temp dirs — is removed on exit, Ctrl-C or SIGTERM; namespaces left by a killed
@@ -43,7 +50,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from common import (human_bytes, interrupt_on_sigterm, parse_size, print_machine,  # noqa: E402
                     table)
 
-from fleet.netns import Network, network, rate_bits  # noqa: E402
+from fleet.netns import MAX_MTU, MIN_MTU, Network, network, rate_bits  # noqa: E402
 from fleet.pull import PullResult, blob_path, pull_all  # noqa: E402
 from fleet.scene import Scene  # noqa: E402
 from fleet.services import BlobFile, UpstreamRegistry, write_random_blob  # noqa: E402
@@ -273,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lease-limit", type=int, default=None,
                         help="tracker setting: leases per blob at once (default: the tracker's own)")
     parser.add_argument("--phases", default="warm,cold,baseline")
+    parser.add_argument("--mtu", type=int, default=1500, help="every link's MTU")
     parser.add_argument("--trace", type=float, default=0.0, metavar="SECONDS",
                         help="print every link's use at this interval")
     parser.add_argument("-v", "--verbose", action="store_true", help="show agents' stall patches and errors")
@@ -282,16 +290,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(phases) - {"warm", "cold", "baseline"}
     if unknown or args.nodes < 2 or args.nodes > 200:
         parser.error(f"bad --phases {sorted(unknown)} or --nodes (2..200)")
+    if not MIN_MTU <= args.mtu <= MAX_MTU:
+        parser.error(f"--mtu {args.mtu}: expected {MIN_MTU}..{MAX_MTU}")
     link_s = args.size * 8 / rate_bits(args.link)
     up_s = args.size * 8 / rate_bits(args.upstream_rate)
     interrupt_on_sigterm()
     print_machine("ratios will be pessimistic")
     print(f"fleet: {args.nodes} nodes, B = {human_bytes(args.size)}, L = {args.link}, "
-          f"U = {args.upstream_rate}; B/L = {link_s:.1f} s, B/U = {up_s:.1f} s; segments "
+          f"U = {args.upstream_rate}, MTU {args.mtu}; B/L = {link_s:.1f} s, B/U = {up_s:.1f} s; segments "
           f"{args.segment_size or 'default'}, pieces {args.piece_size or 'default'}", flush=True)
     done: list[Phase] = []
     try:
-        with network() as net:
+        with network(mtu=args.mtu) as net:
             upstream = build(net, args)
             source = net.workdir / "blob"
             write_random_blob(source, args.size)

@@ -16,7 +16,7 @@ import pytest
 
 from harness.process import run
 
-from .netns import Host, cleanup_stale, list_namespaces, network, unavailable
+from .netns import Host, Network, cleanup_stale, list_namespaces, network, unavailable
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
@@ -61,6 +61,24 @@ def test_hosts_reach_each_other_only_through_shaped_links() -> None:
         assert bridge_side.count("tbf") == 2
     root_addrs = run(["ip", "-o", "addr"]).stdout
     assert "10.99.0." not in root_addrs
+
+
+def test_jumbo_frames_cross_the_bridge() -> None:
+    with network(mtu=9000) as net:
+        a, b = net.add_host("a", "1gbit"), net.add_host("b", "1gbit")
+        assert "mtu 9000" in a.run("ip", "link", "show", "eth0").stdout
+        assert "mtu 9000" in net.bridge_run("ip", "link", "show", b.bridge_port).stdout
+        listener = b.call(lambda: socket.create_server((b.addr, 9001)))
+
+        def mss() -> int:
+            with socket.create_connection((b.addr, 9001), timeout=10) as s:
+                return s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
+        try:
+            assert a.call(mss) > 8000  # the path really carries 9000-byte frames
+        finally:
+            listener.close()
+    with pytest.raises(ValueError, match="mtu"):
+        Network(mtu=65536)
 
 
 def test_teardown_after_a_failure() -> None:
