@@ -243,7 +243,8 @@ def report(phases: Sequence[Phase], args: argparse.Namespace, size: int) -> int:
                   f"max {'ok' if worst < TTFB_TARGET else 'MISSED'})")
             headers = [r.headers_s for r in warm.results if r.headers_s is not None]
             print(f"  (of which headers: median {statistics.median(headers):.3f} s, "
-                  f"max {max(headers):.3f} s)")
+                  f"max {max(headers):.3f} s); every node: "
+                  + " ".join(f"{t:.2f}" for t in sorted(ttfb)))
     for p in phases:
         done = sorted(r.done_at - p.start_at for r in p.results if r.done_at is not None)
         if done:
