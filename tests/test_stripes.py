@@ -19,7 +19,7 @@ from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.stripes import Slots, owner, scarce, share_of
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
-from fleetp2p.peering.peerhttp import BULK_HEADER, _left, peer_app
+from fleetp2p.peering.peerhttp import BULK_HEADER, PeerReader, _left, peer_app
 from fleetp2p.store import Geometry
 from fleetp2p.swarm import Swarm, make_metainfo
 from tracker.models import BlobRecord, MiB, Peer, SegmentMeta
@@ -203,3 +203,33 @@ async def test_a_blob_cap_is_shared_by_its_segments(tmp_path):
         assert all(h.download_limit() <= 0 for h in swarm._handles.values())
     finally:
         await swarm.close()
+
+
+class CountingTracker:
+    """Answers `peers` slowly, with one holder of segment 0, and counts the calls."""
+
+    def __init__(self, http: str) -> None:
+        self.http = http
+        self.calls = 0
+
+    async def peers(self, digest: str, **kw) -> list[Peer]:
+        self.calls += 1
+        await asyncio.sleep(0.05)
+        return [Peer("holder", "10.0.0.1", 6881, self.http, {}, complete=False, segments=(0,))]
+
+
+async def test_a_prefetched_holder_lookup_serves_the_first_read():
+    """The lookup started beside the blob record is the one the first read uses."""
+    tracker = CountingTracker("http://127.0.0.1:9")
+    reader = PeerReader(tracker, "me", None, Metrics(), None)  # type: ignore[arg-type]
+    digest = Digest.parse("sha256:" + "ab" * 32)
+    try:
+        reader.prefetch(digest, 0)
+        impatient = asyncio.create_task(reader._holders(digest, 0))
+        await asyncio.sleep(0.01)
+        impatient.cancel()  # a reader that gives up does not cancel the shared lookup
+        assert await reader._holders(digest, 0) == ["http://127.0.0.1:9"]
+        assert await reader._holders(digest, 0) == ["http://127.0.0.1:9"]  # cached
+        assert tracker.calls == 1
+    finally:
+        await reader.close()

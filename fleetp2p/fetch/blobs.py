@@ -305,6 +305,8 @@ class BlobFetcher:
         fleet = self.fleet
         if fleet is None or not fleet.announcer.reachable:
             return None
+        if fleet.peer_reader is not None:
+            fleet.peer_reader.prefetch(digest, 0)  # where a client's first byte comes from
         try:
             record = await timed(self.metrics, "get_blob",
                                  lambda: fleet.tracker.get_blob(str(digest)))

@@ -66,6 +66,7 @@ class PeerReader:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
         self._peers: dict[tuple[Digest, int | None], tuple[float, list[str]]] = {}
+        self._lookups: dict[tuple[Digest, int | None], asyncio.Task] = {}
 
     def hold(self, digest: Digest) -> None:
         """A node holding part of a lazy layer is a (partial) holder of its segment 0."""
@@ -87,10 +88,35 @@ class PeerReader:
                 return data
         return None
 
+    def prefetch(self, digest: Digest, segment: int | None) -> None:
+        """Look up the holders now, while the caller waits on the tracker for
+        something else: the first read of a blob then skips a round trip, which
+        under load is a good part of a client's time to first byte."""
+        self._lookup(digest, segment)
+
+    def _lookup(self, digest: Digest, segment: int | None) -> asyncio.Task:
+        """One tracker call per (blob, segment) in flight, shared by every reader."""
+        key = (digest, segment)
+        task = self._lookups.get(key)
+        if task is None:
+            task = asyncio.create_task(self._ask_holders(digest, segment))
+            self._lookups[key] = task
+
+            def done(t: asyncio.Task) -> None:
+                self._lookups.pop(key, None)
+                if not t.cancelled() and t.exception() is not None:  # seen even if only prefetched
+                    log.warning("looking up holders of %s: %r", digest, t.exception())
+            task.add_done_callback(done)
+        return task
+
     async def _holders(self, digest: Digest, segment: int | None) -> list[str]:
         cached = self._peers.get((digest, segment))
         if cached is not None and time.monotonic() - cached[0] < PEERS_TTL:
             return cached[1]
+        # shielded: a reader that gives up does not cancel the others' lookup
+        return await asyncio.shield(self._lookup(digest, segment))
+
+    async def _ask_holders(self, digest: Digest, segment: int | None) -> list[str]:
         try:
             peers = await timed(self.metrics, "peers", lambda: self.tracker.peers(
                 str(digest), node=self.node_id, segment=segment, limit=10))
@@ -126,6 +152,8 @@ class PeerReader:
         return data
 
     async def close(self) -> None:
+        for task in list(self._lookups.values()):
+            task.cancel()
         if self._session is not None:
             await self._session.close()
 
