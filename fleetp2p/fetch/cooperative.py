@@ -116,6 +116,8 @@ class CooperativeFetch:
         self.stripes: Stripes | None = None
         self.holders_connected: set[int] = set()
         self._leases_fetching = 0
+        self._first_reads: set[int] = set()  # segments whose first piece was asked for over HTTP
+        self._first_torrent = asyncio.Event()  # the first segment's torrent exists (or never will)
         self._defer_version = -1
         self._defer_since = 0.0
 
@@ -131,21 +133,31 @@ class CooperativeFetch:
     async def run(self) -> SegmentWriter:
         """All segments on disk (each piece hash-checked or self-fetched); the
         caller verifies the whole blob and commits the returned writer."""
-        self.writer = await asyncio.to_thread(self.fleet.store.new_partial, self.download.digest,
-                                            self.geometry)
         self.download.set_geometry(self.geometry)
         if self.fleet.peer_reader is not None:
             self.stripes = Stripes(self.fleet.swarm, self.fleet.peer_reader, self.download,
                                    self.geometry, self.fleet.node_id)
+        # A client waits for the first piece, which needs a holder, not the swarm:
+        # ask for it before anything else is set up (under load the setup below
+        # is tens of milliseconds, which the request's round trip now overlaps).
+        first = self._reading_segment
+        early = self.record.segments.get(first)
+        if early is not None:
+            self._read_first_piece(first, early.metainfo)
+            await asyncio.sleep(0)  # its request gets under way
+        try:
+            self.writer = await asyncio.to_thread(self.fleet.store.new_partial,
+                                                  self.download.digest, self.geometry)
+        except BaseException:
+            self._first_torrent.set()  # no torrent will come: the first read ends
+            raise
         unsubscribe = self.fleet.swarm.subscribe(self.digest, self._on_event)
         poller = asyncio.create_task(self._poll(), name=f"poll {self.digest[:19]}")
         try:
-            # A client waits for the first piece, which needs a holder, not the swarm.
-            first = self._reading_segment
-            early = first in self.record.segments and \
-                self._add_segment(first, self.record.segments[first])
+            early_added = early is not None and self._add_segment(first, early)
+            self._first_torrent.set()  # the first piece may go to libtorrent now
             await self.fleet.announcer.join_swarm(self.digest)
-            if early:
+            if early_added:
                 self._connect(first)
                 self._refresh_peers_soon()
             while len(self.done) < self.geometry.segments:
@@ -205,8 +217,13 @@ class CooperativeFetch:
         self.last_progress = time.monotonic()
         self.download.segment_sources[index] = "peer"
         if index == self._reading_segment:
-            self._spawn(self._first_piece_over_http(index, meta.metainfo))
+            self._read_first_piece(index, meta.metainfo)
         return True
+
+    def _read_first_piece(self, index: int, metainfo: bytes) -> None:
+        if index not in self._first_reads:
+            self._first_reads.add(index)
+            self._spawn(self._first_piece_over_http(index, metainfo))
 
     def _refresh_peers_soon(self) -> None:
         if self._refreshing is None or self._refreshing.done():
@@ -561,6 +578,7 @@ class CooperativeFetch:
         if expected is None or hashlib.sha1(data).digest() != expected:
             self.fleet.metrics.piece_hash_failures.inc()
             return
+        await self._first_torrent.wait()  # the read may beat the segment's torrent
         self.fleet.swarm.add_piece((self.digest, index), 0, data)
 
     # Bookkeeping ----------------------------------------------------------
