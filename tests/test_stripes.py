@@ -19,6 +19,7 @@ from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.stripes import Slots, owner, scarce, share_of
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
+from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.peerhttp import BULK_HEADER, PeerReader, _left, peer_app
 from fleetp2p.store import Geometry
 from fleetp2p.swarm import Swarm, make_metainfo
@@ -233,3 +234,18 @@ async def test_a_prefetched_holder_lookup_serves_the_first_read():
         assert tracker.calls == 1
     finally:
         await reader.close()
+
+
+async def test_bulk_waits_for_a_quiet_spell_after_urgent_reads():
+    holds = Holds()
+    with holds.held():
+        waiter = asyncio.create_task(holds.wait_free(timeout=5, quiet=0.1))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+    released = time.monotonic()
+    await waiter
+    assert time.monotonic() - released >= 0.09  # not at the release: a quiet spell after it
+    started = time.monotonic()
+    with holds.held():
+        await holds.wait_free(timeout=0.2, quiet=0.1)  # still bounded by the timeout
+    assert 0.15 < time.monotonic() - started < 1

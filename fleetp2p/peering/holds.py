@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterator
 
 
@@ -19,6 +20,7 @@ class Holds:
         self._count = 0
         self._free = asyncio.Event()
         self._free.set()
+        self._freed_at = 0.0  # monotonic
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
@@ -30,10 +32,19 @@ class Holds:
             self._count -= 1
             if not self._count:
                 self._free.set()
+                self._freed_at = time.monotonic()
 
-    async def wait_free(self, timeout: float | None = None) -> None:
-        """Return when nobody holds (or after `timeout` seconds anyway)."""
-        try:
-            await asyncio.wait_for(self._free.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+    async def wait_free(self, timeout: float | None = None, quiet: float = 0.0) -> None:
+        """Return when nobody holds, and nobody has for `quiet` seconds (or after
+        `timeout` seconds anyway)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(self._free.wait(), left)
+            except asyncio.TimeoutError:
+                return
+            wait = self._freed_at + quiet - time.monotonic()
+            if wait <= 0 or (left is not None and left <= wait):
+                return
+            await asyncio.sleep(wait)

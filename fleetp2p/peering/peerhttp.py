@@ -42,6 +42,10 @@ MAX_PEER_RANGE = 64 * 1024 * 1024
 PEERS_TO_TRY = 3
 BULK_HEADER = "X-Fleetp2p-Bulk"
 BULK_MAX_WAIT = 1.0
+# First pieces come in bursts (a fleet's clients start together, their requests
+# arrive over ~0.2 s): bulk reads wait until none was asked for this long, or
+# each bulk response let in between delays every later first piece.
+URGENT_QUIET = 0.05
 # Responses a holder sends at once (per kind). A few flows fill any link;
 # more only deepen the queue at its uplink, where new connections' handshakes
 # are dropped (a 1 s SYN retry) and urgent reads wait behind bulk bytes.
@@ -174,7 +178,7 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
             with urgent.held():
                 async with urgent_slots:
                     return await sent(request, await serve(request))
-        await urgent.wait_free(BULK_MAX_WAIT)  # bounded: bulk reads must not starve
+        await urgent.wait_free(BULK_MAX_WAIT, URGENT_QUIET)  # bounded: bulk must not starve
         async with bulk_slots:
             return await sent(request, await serve(request))
 
