@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 from fleetp2p.fetch.cooperative import leaves_lease_to_others
@@ -137,6 +138,30 @@ async def test_a_response_counts_as_sent_once_acknowledged():
         server.close()
 
 
+async def test_waiting_for_bytes_to_leave_ends_when_the_reader_resets():
+    """A hedged read that lost its race closes its connection while the holder
+    waits for the response to leave: the wait ends, without an error."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def receiver(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # never reads
+
+    server = await asyncio.start_server(receiver, "127.0.0.1", 0)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(b"x" * (4 * 1024 * 1024))
+        waiting = asyncio.create_task(_left(writer.transport, limit=5.0))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        accepted[0].transport.abort()  # the reader resets the connection
+        started = time.monotonic()
+        await asyncio.wait_for(waiting, 2.0)
+        assert time.monotonic() - started < 1.0
+        writer.close()
+    finally:
+        server.close()
+
+
 async def test_stripe_reads_go_lowest_piece_first():
     """Segments' stripes run one after another: a waiter for an earlier piece
     overtakes later ones, and a cancelled waiter does not keep its turn."""
@@ -156,9 +181,11 @@ async def test_stripe_reads_go_lowest_piece_first():
     assert order == [5, 300, 900]
 
 
-async def test_a_reader_that_gives_up_is_no_server_error(caplog):
-    """A reader that goes away while its response is being sent (a stripe
-    read's idle timeout): no server error, and the holder keeps serving."""
+@pytest.mark.parametrize("gone_after", [0.1, 0.5])
+async def test_a_reader_that_gives_up_is_no_server_error(caplog, gone_after):
+    """A reader that goes away before its response starts (a hedged read that
+    lost its race) or while it is being sent (a stripe read's idle timeout):
+    no server error, and the holder keeps serving."""
     size = 16 * 1024 * 1024
     app = peer_app(lambda digest, start, end: (lambda: SlowReader(0.3), size), Metrics(), None)
     server = TestServer(app, host="127.0.0.1")
@@ -168,7 +195,7 @@ async def test_a_reader_that_gives_up_is_no_server_error(caplog):
         writer.write(f"GET /peer/v1/blobs/{DIGEST} HTTP/1.1\r\nHost: x\r\n"
                      f"Range: bytes=0-{size - 1}\r\n\r\n".encode())
         await writer.drain()
-        await asyncio.sleep(0.5)                        # the holder is sending, nobody reads…
+        await asyncio.sleep(gone_after)                 # the holder reads (0.3 s), then sends…
         writer.transport.abort()                        # …and the reader is gone
         await asyncio.sleep(0.5)
         async with aiohttp.ClientSession() as session:
@@ -254,3 +281,47 @@ async def test_bulk_waits_for_a_quiet_spell_after_urgent_reads():
     with holds.held():
         await holds.wait_free(timeout=0.2, quiet=0.1)  # still bounded by the timeout
     assert 0.15 < time.monotonic() - started < 1
+
+
+class FilledReader(SlowReader):
+    def __init__(self, delay: float, fill: bytes) -> None:
+        super().__init__(delay)
+        self.fill = fill
+
+    def read(self, offset: int, count: int) -> bytes:
+        time.sleep(self.delay)
+        return self.fill * count
+
+
+async def _peer(reader: SlowReader | None) -> TestServer:
+    """A peer HTTP server holding a 1 MiB blob (or nothing, when `reader` is None)."""
+    def lookup(digest, start, end):
+        return None if reader is None else (lambda: reader, 1024 * 1024)
+    server = TestServer(peer_app(lookup, Metrics(), None), host="127.0.0.1")
+    await server.start_server()
+    return server
+
+
+async def test_a_hedged_read_takes_the_first_complete_answer(caplog):
+    """The holder is slow; another downloader has the piece: it wins, and the
+    holder's abandoned answer is no error there. Another that lacks the piece
+    (404) does not end the read: the holder's answer still counts."""
+    holder = await _peer(FilledReader(0.6, b"h"))
+    other = await _peer(FilledReader(0.0, b"o"))
+    lacking = await _peer(None)
+    url = lambda s: f"http://127.0.0.1:{s.port}"  # noqa: E731
+    reader = PeerReader(CountingTracker(url(holder)), "me", None, Metrics(), None)  # type: ignore[arg-type]
+    digest = Digest.parse(DIGEST)
+    try:
+        started = time.monotonic()
+        data = await reader.read(digest, 0, 1000, segment=0, others=lambda: [url(other)])
+        assert data == b"o" * 1000 and time.monotonic() - started < 0.5
+        await asyncio.sleep(0.7)  # the holder has answered the read that was dropped
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        data = await reader.read(digest, 0, 1000, segment=0, others=lambda: [url(lacking)])
+        assert data == b"h" * 1000
+        assert await reader.read(digest, 0, 1000, segment=0) == b"h" * 1000  # no hedge asked
+    finally:
+        await reader.close()
+        for server in (holder, other, lacking):
+            await server.close()

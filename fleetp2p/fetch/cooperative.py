@@ -268,6 +268,10 @@ class CooperativeFetch:
             self.holders_connected.add(index)
         self.fleet.swarm.connect(key, [(p.host, p.port) for p in peers])
 
+    def _downloaders(self) -> list[str]:
+        """Peer HTTP addresses of the blob's other downloaders, as last heard."""
+        return [p.http for p in self.peers if p.fetching and p.http]
+
     def _holders_of(self, index: int) -> list[Peer]:
         return [p for p in self.peers if p.has(index)]
 
@@ -571,7 +575,7 @@ class CooperativeFetch:
             return
         with self._stripes_paused():  # holders' uplinks go to the piece a client waits for
             data = await reader.read(self.download.digest, start, min(start + piece, end),
-                                     segment=index)
+                                     segment=index, others=self._downloaders)
         if data is None or self.download.has_piece(global_piece):
             return
         expected = piece_hash(metainfo, 0)

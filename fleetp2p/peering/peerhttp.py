@@ -40,6 +40,8 @@ PEER_TIMEOUT = 3.0  # without a byte moving: a busy holder is slow, not dead
 PEERS_TTL = 5.0
 MAX_PEER_RANGE = 64 * 1024 * 1024
 PEERS_TO_TRY = 3
+HEDGE_DELAY = 0.1  # seconds a hedged read waits for the holder before asking others too
+HEDGES = 2
 BULK_HEADER = "X-Fleetp2p-Bulk"
 BULK_MAX_WAIT = 1.0
 # First pieces come in bursts (a fleet's clients start together, their requests
@@ -76,21 +78,53 @@ class PeerReader:
         """A node holding part of a lazy layer is a (partial) holder of its segment 0."""
         self.announcer.hold_segment(str(digest), 0)
 
-    async def read(self, digest: Digest, start: int, end: int,
-                   segment: int | None = None, *, bulk: bool = False) -> bytes | None:
+    async def read(self, digest: Digest, start: int, end: int, segment: int | None = None, *,
+                   bulk: bool = False, others: Callable[[], list[str]] | None = None
+                   ) -> bytes | None:
         """The bytes from some holder (of `segment`, when given), unverified; None if
         no holder answered with all of them. `bulk` reads (stripes) yield to the
-        others at the holder: those are what a client is blocked on."""
+        others at the holder: those are what a client is blocked on. `others`:
+        agents that may have the bytes too (see `_race`)."""
         if end - start > MAX_PEER_RANGE:
             return None
-        holders = await self._holders(digest, segment)
+        holders = (await self._holders(digest, segment))[:PEERS_TO_TRY]
         if not holders:
             log.debug("peer http: no holders of %s segment %s", digest, segment)
-        for url in holders[:PEERS_TO_TRY]:
+            return None
+        if others is not None:
+            data = await self._race(holders[0], others, digest, start, end)
+            if data is not None:
+                return data
+            holders = holders[1:]
+        for url in holders:
             data = await self._get(url, digest, start, end, bulk)
             if data is not None:
                 return data
         return None
+
+    async def _race(self, holder: str, others: Callable[[], list[str]], digest: Digest,
+                    start: int, end: int) -> bytes | None:
+        """The holder first; if it has not answered within HEDGE_DELAY, a few of
+        `others` too. A herd's clients all want the same first piece from one
+        holder, whose uplink sends it to them one after another; whoever got it
+        first can serve it meanwhile (an agent serves the pieces it has verified
+        and answers 404 for the rest). The first complete answer wins."""
+        tasks = {asyncio.create_task(self._get(holder, digest, start, end, False))}
+        try:
+            done, _ = await asyncio.wait(tasks, timeout=HEDGE_DELAY)
+            if not done:
+                candidates = [url for url in others() if url != holder]
+                tasks |= {asyncio.create_task(self._get(url, digest, start, end, False))
+                          for url in random.sample(candidates, min(HEDGES, len(candidates)))}
+            while tasks:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.result() is not None:
+                        return task.result()
+            return None
+        finally:
+            for task in tasks:
+                task.cancel()
 
     def prefetch(self, digest: Digest, segment: int | None) -> None:
         """Look up the holders now, while the caller waits on the tracker for
@@ -185,8 +219,14 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     async def sent(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         """Sent, and (nearly) acknowledged: a response holds the uplink until it
         has left, not until it is in the kernel's send buffer."""
-        await response.prepare(request)
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        except ConnectionResetError:
+            # The reader left before its answer was ready (a hedged read that
+            # lost its race): seen on the fleet bench as aiohttp's "Cannot
+            # write to closing transport", which it would log as a server error.
+            return response
         await _left(request.transport)
         return response
 
@@ -238,6 +278,8 @@ async def _left(transport: asyncio.WriteTransport | None, limit: float = PEER_TI
     deadline = time.monotonic() + limit
     buf = bytearray(4)
     while time.monotonic() < deadline:
+        if transport.is_closing():  # the reader reset or closed it (a hedge that lost its race)
+            return
         try:
             fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
         except OSError:
