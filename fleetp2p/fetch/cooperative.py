@@ -182,6 +182,7 @@ class CooperativeFetch:
             self._stop_segments()
             raise
         finally:
+            self._first_torrent.set()  # a first read still waiting must not wait forever
             poller.cancel()
             if self._refreshing is not None:
                 self._refreshing.cancel()
