@@ -281,6 +281,9 @@ async def test_bulk_waits_for_a_quiet_spell_after_urgent_reads():
     with holds.held():
         await holds.wait_free(timeout=0.2, quiet=0.1)  # still bounded by the timeout
     assert 0.15 < time.monotonic() - started < 1
+    started = time.monotonic()
+    await holds.wait_free(timeout=0.1, quiet=1.0)  # freed just now: waits out the timeout, no more
+    assert 0.09 < time.monotonic() - started < 0.5
 
 
 class FilledReader(SlowReader):

@@ -40,11 +40,13 @@ class Holds:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
             try:
                 await asyncio.wait_for(self._free.wait(), left)
             except asyncio.TimeoutError:
                 return
             wait = self._freed_at + quiet - time.monotonic()
-            if wait <= 0 or (left is not None and left <= wait):
+            if wait <= 0:
                 return
-            await asyncio.sleep(wait)
+            await asyncio.sleep(wait if left is None else min(wait, left))
