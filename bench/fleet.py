@@ -250,6 +250,11 @@ def report(phases: Sequence[Phase], args: argparse.Namespace, size: int) -> int:
         if done:
             print(f"{p.name}: clients done after {done[0]:.1f} s (first), "
                   f"{statistics.median(done):.1f} s (median), {done[-1]:.1f} s (last)")
+        quarters = [r.quarters_s for r in p.results if len(r.quarters_s) == 3]
+        if quarters:
+            print(f"  in-order stream: a quarter, half, three quarters of the blob after "
+                  + ", ".join(f"{statistics.median(q[k] for q in quarters):.1f}" for k in range(3))
+                  + " s (median client)")
     for p in phases:
         bad = [r for r in p.results if not r.verified(p.digest, p.size)]
         for r in bad:

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .netns import Host
 
 BUFFER = 1 << 20
+QUARTERS = 4
 
 
 def fetch(url: str, timeout: float) -> dict:
@@ -44,6 +45,10 @@ def fetch(url: str, timeout: float) -> dict:
         result["content_length"] = resp.getheader("Content-Length")
         sha = hashlib.sha256()
         size = 0
+        # when the stream passed 1/4, 2/4 and 3/4 of the body: how in order it arrives
+        total = int(result["content_length"] or 0)
+        marks = [total * k // QUARTERS for k in range(1, QUARTERS)] if total else []
+        result["quarters_s"] = []
         while True:
             # read1: whatever has arrived (readinto would wait to fill the buffer,
             # and the first byte would be timed as the first MiB)
@@ -54,6 +59,9 @@ def fetch(url: str, timeout: float) -> dict:
                 result["first_byte_s"] = time.monotonic() - t0
             sha.update(chunk)
             size += len(chunk)
+            while marks and size >= marks[0]:
+                marks.pop(0)
+                result["quarters_s"].append(time.monotonic() - t0)
         result["bytes"] = size
         result["sha256"] = "sha256:" + sha.hexdigest()
     except Exception as e:  # noqa: BLE001 - reported to the launcher, which decides
@@ -92,6 +100,7 @@ class PullResult:
     bytes: int
     sha256: str | None
     error: str | None
+    quarters_s: list[float] = field(default_factory=list)  # 1/4, 2/4, 3/4 of the body
 
     def verified(self, digest: str, size: int) -> bool:
         return self.status == 200 and self.bytes == size and self.sha256 == digest and not self.error
@@ -126,7 +135,7 @@ class Pull:
         return PullResult(self.host.name, data.get("status"), data.get("headers_s"),
                           data.get("first_byte_s"), data.get("done_s"), data.get("started_at"),
                           data.get("done_at"), data.get("bytes", 0), data.get("sha256"),
-                          data.get("error"))
+                          data.get("error"), data.get("quarters_s", []))
 
 
 def start_pulls(hosts: Sequence["Host"], path: str, *, delay: float = 1.0,
