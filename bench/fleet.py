@@ -51,7 +51,7 @@ from common import (human_bytes, interrupt_on_sigterm, parse_size, print_machine
                     table)
 
 from fleet.netns import MAX_MTU, MIN_MTU, Network, network, rate_bits  # noqa: E402
-from fleet.pull import PullResult, blob_path, pull_all  # noqa: E402
+from fleet.pull import QUARTERS, PullResult, blob_path, pull_all  # noqa: E402
 from fleet.scene import Scene  # noqa: E402
 from fleet.services import BlobFile, UpstreamRegistry, write_random_blob  # noqa: E402
 
@@ -250,11 +250,11 @@ def report(phases: Sequence[Phase], args: argparse.Namespace, size: int) -> int:
         if done:
             print(f"{p.name}: clients done after {done[0]:.1f} s (first), "
                   f"{statistics.median(done):.1f} s (median), {done[-1]:.1f} s (last)")
-        quarters = [r.quarters_s for r in p.results if len(r.quarters_s) == 3]
+        quarters = [r.quarters_s for r in p.results if len(r.quarters_s) == QUARTERS - 1]
         if quarters:
-            print(f"  in-order stream: a quarter, half, three quarters of the blob after "
-                  + ", ".join(f"{statistics.median(q[k] for q in quarters):.1f}" for k in range(3))
-                  + " s (median client)")
+            medians = [statistics.median(q[k] for q in quarters) for k in range(QUARTERS - 1)]
+            print("  in-order stream: a quarter, half, three quarters of the blob after "
+                  + ", ".join(f"{m:.1f}" for m in medians) + " s (median client)")
     for p in phases:
         bad = [r for r in p.results if not r.verified(p.digest, p.size)]
         for r in bad:
