@@ -53,15 +53,15 @@ class Slots:
     This orders the stripes of a blob's segments only loosely. Each segment
     reads its share one piece at a time, so a freed slot goes to another
     segment's waiting read, and the earliest segments all advance together.
-    On the 16-node bench (8 segments, 2 slots), the stripe reads of segments
-    0-6 all began within 0.6 s; the first segment finished at 13 s, the last
-    at 26 s. A strict queue (2 readers per blob, always taking the lowest
-    piece) made the segments complete in order: clients had a quarter of the
-    blob after about 10 s instead of 15-19 s. But the last copy arrived later:
-    30.8-32.5 s in 4 runs, against 28.9-31.4 s in 9 runs with the loose order
-    on the same day. So the loose order stays. Why was not measured; perhaps
-    the downloaders' exchange keeps more connections busy when many segments
-    are in play."""
+    On the 16-node bench (8 segments, 2 slots), the stripe reads of six of
+    the eight segments began within 0.5 s; segment 0's ended at 13 s,
+    segment 7's at 26 s. A strict queue (2 readers per blob, always taking
+    the lowest piece) made the segments complete in order: clients had a
+    quarter of the blob after about 10 s instead of 14-19 s. But the last
+    copy arrived later: 30.8-32.5 s in 4 runs, against 28.9-31.4 s in 9 runs
+    with the loose order on the same day. So the loose order stays. Why was
+    not measured; perhaps the downloaders' exchange keeps more connections
+    busy when many segments are in play."""
 
     def __init__(self, count: int) -> None:
         self._free = count
