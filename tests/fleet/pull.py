@@ -3,7 +3,8 @@
 As a script (`ip netns exec HOST python pull.py URL --start-at T`) it waits
 until wall-clock time T, so clients on every host send their GET at the same
 moment, then streams the body through sha256 and prints one JSON line:
-status, seconds to headers / first body byte / last byte, byte count, sha256.
+status, seconds to headers / first body byte / each quarter of the body /
+last byte, byte count, sha256.
 The script imports only the standard library: it runs in a fresh interpreter
 on each host. It times itself, so the numbers do not include the launcher's
 own scheduling.
