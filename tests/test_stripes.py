@@ -70,12 +70,13 @@ def test_download_covers_only_finished_pieces(tmp_path: Path):
 class SlowReader:
     """A segment reader whose reads take a while, like a busy disk."""
 
-    def __init__(self, delay: float) -> None:
+    def __init__(self, delay: float, fill: bytes = b"\0") -> None:
         self.delay = delay
+        self.fill = fill
 
     def read(self, offset: int, count: int) -> bytes:
         time.sleep(self.delay)
-        return bytes(count)
+        return self.fill * count
 
     def close(self) -> None:
         pass
@@ -286,16 +287,6 @@ async def test_bulk_waits_for_a_quiet_spell_after_urgent_reads():
     assert 0.09 < time.monotonic() - started < 0.5
 
 
-class FilledReader(SlowReader):
-    def __init__(self, delay: float, fill: bytes) -> None:
-        super().__init__(delay)
-        self.fill = fill
-
-    def read(self, offset: int, count: int) -> bytes:
-        time.sleep(self.delay)
-        return self.fill * count
-
-
 async def _peer(reader: SlowReader | None) -> TestServer:
     """A peer HTTP server holding a 1 MiB blob (or nothing, when `reader` is None)."""
     def lookup(digest, start, end):
@@ -309,8 +300,8 @@ async def test_a_hedged_read_takes_the_first_complete_answer(caplog):
     """The holder is slow; another downloader has the piece: it wins, and the
     holder's abandoned answer is no error there. Another that lacks the piece
     (404) does not end the read: the holder's answer still counts."""
-    holder = await _peer(FilledReader(0.6, b"h"))
-    other = await _peer(FilledReader(0.0, b"o"))
+    holder = await _peer(SlowReader(0.6, b"h"))
+    other = await _peer(SlowReader(0.0, b"o"))
     lacking = await _peer(None)
     url = lambda s: f"http://127.0.0.1:{s.port}"  # noqa: E731
     reader = PeerReader(CountingTracker(url(holder)), "me", None, Metrics(), None)  # type: ignore[arg-type]
