@@ -16,7 +16,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
     python3 python3-venv python3-pip ca-certificates curl tmux \
     docker-registry containerd skopeo podman prometheus redis-server \
-    iproute2 stargz-snapshotter apache2-utils nginx-light
+    iproute2 ethtool stargz-snapshotter apache2-utils nginx-light
 
 [ -x .venv/bin/pip ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -15,6 +15,18 @@ centres; a fleet simulated on one machine then spends far less CPU per byte
 in the kernel, see bench/fleet.py). No address, route or device is ever put
 in the root namespace, so nothing here can send traffic off the machine.
 
+Every host on this machine shares its cores, so the simulated wire should
+cost as little CPU as a real one. Two defaults of the kernel make it cost
+more than it must, and are changed:
+  * veths receive without GRO (real NICs have it on): both ends of every veth
+    get `ethtool -K … gro on`, so consecutive segments cross the bridge and
+    the receiving tbf as one packet;
+  * with br_netfilter loaded (containerd and podman load it), a bridge passes
+    every frame through iptables; the bridge namespace turns that off
+    (`net.bridge.bridge-nf-call-*=0`), as a switch would not filter.
+Neither changes what a link carries or its rate; on the 16-node fleet bench
+together they made the warm phase about 0.7 s (2-3 %) faster in 4 paired runs.
+
 Processes run per host through `ip netns exec` (their own process group, so a
 stop reaches their children). Small control-plane calls from the test process
 itself (metrics scrapes, readiness polls, pushes to the registry) go through
@@ -57,6 +69,7 @@ NAME_PREFIX = "fp"
 # made it is gone.
 _OURS = re.compile(rf"^{NAME_PREFIX}-(?P<pid>\d+)-(?P<tag>[0-9a-f]{{4}})-.")
 TBF = ("burst", "64kb", "latency", "50ms")
+BRIDGE_NF = ("iptables", "ip6tables", "arptables")
 DEFAULT_MTU = 1500
 MIN_MTU, MAX_MTU = 1280, 9000
 CLONE_NEWNET = 0x40000000
@@ -77,7 +90,7 @@ def unavailable(*binaries: str) -> str | None:
     """Why the fleet cannot be built here (for a skip), or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    missing = [b for b in ("ip", "tc", *binaries) if shutil.which(b) is None]
+    missing = [b for b in ("ip", "tc", "ethtool", *binaries) if shutil.which(b) is None]
     return f"missing {', '.join(missing)}" if missing else None
 
 
@@ -238,6 +251,8 @@ class Network:
             self._add_namespace(self.bridge_ns)
             self.bridge_run("ip", "link", "add", "br0", "type", "bridge")
             self.bridge_run("ip", "link", "set", "br0", "up")
+            if Path("/proc/sys/net/bridge").is_dir():  # br_netfilter is loaded
+                self.bridge_run("sysctl", "-qw", *(f"net.bridge.bridge-nf-call-{t}=0" for t in BRIDGE_NF))
         except BaseException:
             self.close()
             raise
@@ -283,6 +298,8 @@ class Network:
         _ip("-n", host.netns, "link", "set", "eth0", "up")
         host.run("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, *TBF)
         self.bridge_run("tc", "qdisc", "add", "dev", host.bridge_port, "root", "tbf", "rate", rate, *TBF)
+        host.run("ethtool", "-K", "eth0", "gro", "on")
+        self.bridge_run("ethtool", "-K", host.bridge_port, "gro", "on")
         return host
 
     def track(self, proc: ManagedProcess) -> None:

@@ -59,6 +59,11 @@ def test_hosts_reach_each_other_only_through_shaped_links() -> None:
             assert "default" not in routes, "a host must not reach anything outside the bridge"
         bridge_side = net.bridge_run("tc", "qdisc", "show").stdout
         assert bridge_side.count("tbf") == 2
+        # the simulated wire is made as cheap as a real one (see netns.py)
+        assert "generic-receive-offload: on" in a.run("ethtool", "-k", "eth0").stdout
+        assert "generic-receive-offload: on" in net.bridge_run("ethtool", "-k", b.bridge_port).stdout
+        if os.path.isdir("/proc/sys/net/bridge"):
+            assert net.bridge_run("sysctl", "-n", "net.bridge.bridge-nf-call-iptables").stdout.strip() == "0"
     root_addrs = run(["ip", "-o", "addr"]).stdout
     assert "10.99.0." not in root_addrs
 
