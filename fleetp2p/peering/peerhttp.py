@@ -223,9 +223,10 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
             await response.prepare(request)
             await response.write_eof()
         except ConnectionResetError:
-            # The reader left before its answer was ready (a hedged read that
-            # lost its race): seen on the fleet bench as aiohttp's "Cannot
-            # write to closing transport", which it would log as a server error.
+            # The reader reset between the headers and the body (a hedged read
+            # that lost its race): aiohttp's "Cannot write to closing transport",
+            # seen on the fleet bench, which it would log as a server error. A
+            # reader gone earlier cancels this handler instead.
             return response
         await _left(request.transport)
         return response
