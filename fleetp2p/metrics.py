@@ -10,6 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 SOURCES = ("local", "upstream", "peer")
+HEDGE_WINNERS = ("holder", "other", "none")
 TTFB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -90,6 +91,10 @@ class Metrics:
         self.peer_served_bytes = Counter(
             "fleetp2p_peer_served_bytes", "Bytes this node served to other nodes over HTTP",
             registry=r)
+        self.read_hedges = Counter(
+            "fleetp2p_read_hedges", "First-piece reads that also asked other downloaders "
+            "because the holder was slow, by who answered first (holder, other, none)",
+            ["winner"], registry=r)
         # Every series exists from the start: a rate needs two samples, and a series
         # born with its whole burst already counted never shows one.
         for source in SOURCES:
@@ -98,6 +103,8 @@ class Metrics:
             self.fetched_bytes.labels(source)
         for source in SOURCES:
             self.served_bytes.labels(source)
+        for winner in HEDGE_WINNERS:
+            self.read_hedges.labels(winner)
             self.ttfb.labels(source)
         for kind in ("blob", "manifest"):
             self.verification_failures.labels(kind)

@@ -58,7 +58,7 @@ GRAFANA_DIR = DEPLOY / "grafana"
 
 # Labels a dashboard may group or filter by: all bounded (never a digest, repository or peer).
 BOUNDED_LABELS = {"job", "instance", "source", "kind", "status", "reason", "endpoint", "method", "code", "op",
-                  "le"}
+                  "le", "winner"}
 
 # Debian 12's /etc/containerd/config.toml: version 2, no registry table yet.
 DEBIAN_CONTAINERD_CONFIG = """version = 2

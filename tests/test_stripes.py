@@ -338,8 +338,12 @@ async def test_a_hedged_read_takes_the_first_complete_answer(caplog):
     other = await _peer(SlowReader(0.0, b"o"))
     lacking = await _peer(None)
     url = lambda s: f"http://127.0.0.1:{s.port}"  # noqa: E731
-    reader = PeerReader(CountingTracker(url(holder)), "me", None, Metrics(), None)  # type: ignore[arg-type]
+    metrics = Metrics()
+    reader = PeerReader(CountingTracker(url(holder)), "me", None, metrics, None)  # type: ignore[arg-type]
     digest = Digest.parse(DIGEST)
+
+    def hedges() -> dict[str, float]:
+        return {w: metrics.read_hedges.labels(w)._value.get() for w in ("holder", "other", "none")}
     try:
         started = time.monotonic()
         data = await reader.read(digest, 0, 1000, segment=0, others=lambda: [url(other)])
@@ -349,6 +353,7 @@ async def test_a_hedged_read_takes_the_first_complete_answer(caplog):
         data = await reader.read(digest, 0, 1000, segment=0, others=lambda: [url(lacking)])
         assert data == b"h" * 1000
         assert await reader.read(digest, 0, 1000, segment=0) == b"h" * 1000  # no hedge asked
+        assert hedges() == {"holder": 1, "other": 1, "none": 0}
     finally:
         await reader.close()
         for server in (holder, other, lacking):

@@ -357,11 +357,14 @@ NODE = Dashboard(
             Panel("Tracker call failures", (
                 q(f"sum by (op) (rate(fleetp2p_tracker_errors_total{{{NODE_SEL}}}[{RATE}]))", "{{op}}"),
             ), unit="ops", width=6),
-            Panel("Segments and lease waits", (
+            Panel("Segments, lease waits, hedged reads", (
                 q(f"sum by (source) (rate(fleetp2p_segments_fetched_total{{{NODE_SEL}}}[{RATE}]))",
                   "segments from {{source}}"),
                 q(f"rate(fleetp2p_lease_waits_total{{{NODE_SEL}}}[{RATE}])", "lease waits"),
-            ), unit="ops", width=6),
+                q(f"sum by (winner) (rate(fleetp2p_read_hedges_total{{{NODE_SEL}}}[{RATE}]))",
+                  "hedged first-piece reads won by {{winner}}"),
+            ), unit="ops", width=6,
+                description="A hedged read asked other downloaders too because the holder was slow."),
             Panel("Served to other nodes (HTTP range reads)", (
                 q(f"rate(fleetp2p_peer_served_bytes_total{{{NODE_SEL}}}[{RATE}])", "bytes to peers"),
             ), unit="Bps", width=6),

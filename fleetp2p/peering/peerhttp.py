@@ -109,18 +109,26 @@ class PeerReader:
         holder, whose uplink sends it to them one after another; whoever got it
         first can serve it meanwhile (an agent serves the pieces it has verified
         and answers 404 for the rest). The first complete answer wins."""
-        tasks = {asyncio.create_task(self._get(holder, digest, start, end, False))}
+        first = asyncio.create_task(self._get(holder, digest, start, end, False))
+        tasks = {first}
+        hedged = False
         try:
             done, _ = await asyncio.wait(tasks, timeout=HEDGE_DELAY)
             if not done:
                 candidates = [url for url in others() if url != holder]
+                hedges = random.sample(candidates, min(HEDGES, len(candidates)))
                 tasks |= {asyncio.create_task(self._get(url, digest, start, end, False))
-                          for url in random.sample(candidates, min(HEDGES, len(candidates)))}
+                          for url in hedges}
+                hedged = bool(hedges)
             while tasks:
                 done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     if task.result() is not None:
+                        if hedged:
+                            self.metrics.read_hedges.labels("holder" if task is first else "other").inc()
                         return task.result()
+            if hedged:
+                self.metrics.read_hedges.labels("none").inc()
             return None
         finally:
             for task in tasks:

@@ -117,6 +117,7 @@ class Snapshot:
     segments: dict[str, float]
     hash_failures: float
     lease_waits: float
+    hedges: dict[str, float]  # first-piece reads that asked other downloaders too, by winner
 
     @classmethod
     def of(cls, agent: FleetAgent) -> "Snapshot":
@@ -126,7 +127,9 @@ class Snapshot:
                    {s: metric_sum(m, "fleetp2p_served_bytes_total", source=s) for s in sources},
                    {s: metric_sum(m, "fleetp2p_segments_fetched_total", source=s) for s in sources},
                    metric_sum(m, "fleetp2p_piece_hash_failures_total"),
-                   metric_sum(m, "fleetp2p_lease_waits_total"))
+                   metric_sum(m, "fleetp2p_lease_waits_total"),
+                   {w: metric_sum(m, "fleetp2p_read_hedges_total", winner=w)
+                    for w in ("holder", "other", "none")})
 
 
 def start_agents(hosts: Sequence[Host], base: Path, upstream: UpstreamRegistry,

@@ -159,6 +159,30 @@ def test_serving_peer_killed_midway(scene: Scene, blob: BlobMaker) -> None:
     print(f"upstream sent {sent / b.size:.2f}x the blob after the seed died")
 
 
+def test_a_busy_holder_gets_first_piece_reads_hedged(scene: Scene, blob: BlobMaker) -> None:
+    """The only holder sits on a 10 Mbit/s link, busy sending stripes to three
+    early downloaders, when three more ask for their first piece: it answers
+    late, so they ask other downloaders too (the early ones have that piece).
+    Everyone still gets a verified copy, none of it from upstream."""
+    b = blob("hedge", 8 * MiB)
+    tracker = scene.tracker()
+    seed, *rest = scene.start_agents(scene.nodes[:7], tracker.url)
+    assert_verified(pull_all([seed.host], blob_path(b.repo, b.digest)), b)
+    scene.set_rate([seed.host], "10mbit")
+    early, late = rest[:3], rest[3:]
+    mark = scene.upstream.access_log.mark()
+    _, pulls = start_pulls([a.host for a in early], blob_path(b.repo, b.digest), timeout=120)
+    started = wait_first(early, lambda s: s.served["peer"], 256 * 1024, timeout=30)
+    assert started is not None, "no early node got its first pieces"
+    results = pull_all([a.host for a in late], blob_path(b.repo, b.digest), timeout=120)
+    assert_verified([p.result(120) for p in pulls] + results, b)
+
+    hedges = {w: total(scene.snapshots(late), "hedges", w) for w in ("holder", "other", "none")}
+    print(f"late nodes' hedged first-piece reads, by winner: {hedges}")
+    assert hedges["other"] >= 1, "no first-piece read was answered by anyone but the busy holder"
+    assert scene.upstream.blob_bytes(mark, {b.digest}) == 0
+
+
 def _corrupt_segments(directory: Path, piece_size: int) -> int:
     """Flip 16 bytes at the start of every piece of every segment file; returns pieces hit."""
     hit = 0
