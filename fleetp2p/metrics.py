@@ -103,9 +103,9 @@ class Metrics:
             self.fetched_bytes.labels(source)
         for source in SOURCES:
             self.served_bytes.labels(source)
+            self.ttfb.labels(source)
         for winner in HEDGE_WINNERS:
             self.read_hedges.labels(winner)
-            self.ttfb.labels(source)
         for kind in ("blob", "manifest"):
             self.verification_failures.labels(kind)
             self.upstream_bytes.labels(kind)
