@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from fleetp2p.fetch.cooperative import leaves_lease_to_others
 from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.stripes import Slots, owner, scarce, share_of
-from fleetp2p.metrics import Metrics
+from fleetp2p.metrics import HEDGE_WINNERS, Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.peerhttp import BULK_HEADER, PeerReader, _left, peer_app
@@ -343,7 +343,7 @@ async def test_a_hedged_read_takes_the_first_complete_answer(caplog):
     digest = Digest.parse(DIGEST)
 
     def hedges() -> dict[str, float]:
-        return {w: metrics.read_hedges.labels(w)._value.get() for w in ("holder", "other", "none")}
+        return {w: metrics.read_hedges.labels(w)._value.get() for w in HEDGE_WINNERS}
     try:
         started = time.monotonic()
         data = await reader.read(digest, 0, 1000, segment=0, others=lambda: [url(other)])

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from fleetp2p.metrics import HEDGE_WINNERS
 from harness.agent import MetricKey, UpstreamEntry, metric_sum, parse_metrics, render_config
 from harness.process import ManagedProcess
 
@@ -129,7 +130,7 @@ class Snapshot:
                    metric_sum(m, "fleetp2p_piece_hash_failures_total"),
                    metric_sum(m, "fleetp2p_lease_waits_total"),
                    {w: metric_sum(m, "fleetp2p_read_hedges_total", winner=w)
-                    for w in ("holder", "other", "none")})
+                    for w in HEDGE_WINNERS})
 
 
 def start_agents(hosts: Sequence[Host], base: Path, upstream: UpstreamRegistry,
