@@ -21,7 +21,7 @@ more than it must, and are changed:
   * veths receive without GRO (real NICs have it on): both ends of every veth
     get `ethtool -K … gro on`, so consecutive segments cross the bridge and
     the receiving tbf as one packet;
-  * with br_netfilter loaded (containerd and podman load it), a bridge passes
+  * with br_netfilter loaded (it is on this test machine), a bridge passes
     every frame through iptables; the bridge namespace turns that off
     (`net.bridge.bridge-nf-call-*=0`), as a switch would not filter.
 Neither changes what a link carries or its rate; on the 16-node fleet bench
