@@ -53,7 +53,8 @@ class Metrics:
         self.store_pinned_bytes = Gauge("fleetp2p_store_pinned_bytes", "Bytes of pinned blobs",
                                         registry=r)
         self.evictions = Counter("fleetp2p_store_evictions", "Blobs evicted by GC", registry=r)
-        self.evicted_bytes = Counter("fleetp2p_store_evicted_bytes", "Bytes evicted by GC",
+        self.evicted_bytes = Counter("fleetp2p_store_evicted_bytes",
+                                     "Bytes evicted by GC (blobs and interrupted downloads)",
                                      registry=r)
         self.verification_failures = Counter(
             "fleetp2p_verification_failures", "Content that did not match its digest",
@@ -69,6 +70,9 @@ class Metrics:
         self.fetched_bytes = Counter("fleetp2p_fetched_bytes",
                                      "Blob bytes brought onto this node, by source", ["source"],
                                      registry=r)
+        self.resumed_bytes = Counter("fleetp2p_resumed_bytes",
+                                     "Bytes an interrupted download had left on disk that "
+                                     "passed their piece hashes and were kept", registry=r)
         self.lease_waits = Counter("fleetp2p_lease_waits",
                                    "Times a segment was leased to another node and we waited for it",
                                    registry=r)

@@ -20,6 +20,7 @@ from typing import Collection, Mapping, Protocol, Sequence
 from tracker.errors import BlobUnknown
 from tracker.models import (AnnounceReply, BlobRecord, Holding, LeaseGrant, LeaseRenewal, Node,
                             Peer, Stats)
+from tracker.waits import wait_event
 
 
 @dataclass(frozen=True)
@@ -212,9 +213,7 @@ async def wait_for_version(notifier: Notifier, digest: str, since: int, timeout:
             if record.version > since or remaining <= 0:
                 return record
             interval = poll() if poll is not None else None
-            try:
-                await asyncio.wait_for(event.wait(), min(remaining, interval or remaining))
-            except asyncio.TimeoutError:
+            if not await wait_event(event, min(remaining, interval or remaining)):
                 if loop.time() >= deadline:
                     return record
             fired = event

@@ -26,6 +26,7 @@ from tracker.backend import (Notifier, Timeouts, decode_holding, encode_holding,
 from tracker.errors import BackendUnavailable, BadRequest, BlobUnknown, Conflict
 from tracker.models import (AnnounceReply, BlobRecord, Holding, LeaseGrant, LeaseRenewal, Node,
                             Peer, SegmentMeta, Stats, check_segments, choose_geometry, info_hash)
+from tracker.waits import wait_event
 
 log = logging.getLogger(__name__)
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
@@ -83,9 +84,7 @@ class RedisBackend:
                      "ANNOUNCE", "LEAVE", "PEERS", "SWEEP", "STATS"):
             self._scripts[name] = self._redis.register_script(getattr(lua, name))
         self._listener = asyncio.create_task(self._listen(), name="tracker-redis-events")
-        try:
-            await asyncio.wait_for(self._subscribed.wait(), self._connect_timeout)
-        except asyncio.TimeoutError:
+        if not await wait_event(self._subscribed, self._connect_timeout):
             await self.close()
             raise BackendUnavailable(f"redis at {self._url} unreachable") from None
 

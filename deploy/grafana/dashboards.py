@@ -143,7 +143,10 @@ FLEET = Dashboard(
                 description="Blob segments brought onto nodes from upstream vs from peers."),
             Panel("Bytes fetched onto nodes by source", (
                 q(f"sum by (source) (rate(fleetp2p_fetched_bytes_total{{{AGENT}}}[{RATE}]))", "{{source}}"),
-            ), unit="Bps", width=8, stacked=True),
+                q(f"sum(rate(fleetp2p_resumed_bytes_total{{{AGENT}}}[{RATE}]))", "kept after a restart"),
+            ), unit="Bps", width=8, stacked=True,
+                description="Bytes from upstream and from peers, and bytes an interrupted download "
+                            "had left on disk that a restarted agent checked and kept."),
             Panel("Lease waits", (
                 q(f"sum(rate(fleetp2p_lease_waits_total{{{AGENT}}}[{RATE}]))", "waits"),
             ), unit="ops", width=8,
@@ -349,6 +352,7 @@ NODE = Dashboard(
             ), width=6),
             Panel("Bytes fetched onto the node by source", (
                 q(f"sum by (source) (rate(fleetp2p_fetched_bytes_total{{{NODE_SEL}}}[{RATE}]))", "{{source}}"),
+                q(f"rate(fleetp2p_resumed_bytes_total{{{NODE_SEL}}}[{RATE}])", "kept after a restart"),
             ), unit="Bps", width=6, stacked=True),
             Panel("Tracker calls", (
                 q(f"histogram_quantile(0.95, sum by (le, op) "

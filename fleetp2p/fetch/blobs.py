@@ -247,8 +247,8 @@ class BlobFetcher:
             actual = await verifier
         except BaseException:
             verifier.cancel()
-            if fetch.writer is not None:
-                await asyncio.to_thread(fetch.writer.discard)
+            if fetch.writer is not None:  # interrupted: a later fetch resumes it
+                await asyncio.to_thread(self.store.keep_partial, fetch.writer, download.digest)
             raise
         try:
             self._check_digest(download, actual)

@@ -32,19 +32,21 @@ from pathlib import Path
 from fleetp2p.errors import UpstreamError
 from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.receive import receive
+from fleetp2p.fetch.resume import Resume, metainfo_path
 from fleetp2p.fetch.stripes import Stripes, scarce
 from fleetp2p.metrics import Metrics
 from fleetp2p.peering.announcer import Announcer
 from fleetp2p.peering.peerhttp import PeerReader
 from fleetp2p.peering.timed import timed
 from fleetp2p.store import BlobStore, Geometry, SegmentWriter
-from fleetp2p.swarm import (HashFailed, PieceFinished, PieceHasher, SegmentFinished, Swarm,
-                            SwarmEvent, make_metainfo)
+from fleetp2p.swarm import (HashFailed, PieceFinished, PieceHasher, SegmentChecked,
+                            SegmentFinished, Swarm, SwarmEvent, make_metainfo)
 from fleetp2p.swarm.metainfo import check_metainfo, piece_hash
 from fleetp2p.upstream import UpstreamClient
 from tracker.client import TrackerClient
 from tracker.errors import TrackerError, TrackerUnavailable
 from tracker.models import BlobRecord, Peer, SegmentMeta
+from tracker.waits import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class CooperativeFetch:
         self._first_torrent = asyncio.Event()  # the first segment's torrent exists (or never will)
         self._defer_version = -1
         self._defer_since = 0.0
+        self.resume = Resume(self.geometry, set(), {})
 
     @property
     def _reading_segment(self) -> int:
@@ -147,7 +150,8 @@ class CooperativeFetch:
             await asyncio.sleep(0)  # its request gets under way
         try:
             self.writer = await asyncio.to_thread(self.fleet.store.new_partial,
-                                                  self.download.digest, self.geometry)
+                                                  self.download.digest, self.geometry, True)
+            self.resume = await asyncio.to_thread(Resume.scan, self.directory, self.geometry)
         except BaseException:
             self._first_torrent.set()  # no torrent will come: the first read ends
             raise
@@ -156,6 +160,7 @@ class CooperativeFetch:
         try:
             early_added = early is not None and self._add_segment(first, early)
             self._first_torrent.set()  # the first piece may go to libtorrent now
+            self._check_unpublished()
             await self.fleet.announcer.join_swarm(self.digest)
             if early_added:
                 self._connect(first)
@@ -169,10 +174,7 @@ class CooperativeFetch:
                 else:
                     await self._claim()
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), TICK)
-                except asyncio.TimeoutError:
-                    pass
+                await wait_event(self._wake, TICK)
                 await self._watch_stalls()
             # The last segments' publishes may still be on their way: let them land,
             # so a later withdrawal sees everything this node published.
@@ -213,13 +215,25 @@ class CooperativeFetch:
             log.warning("ignoring bad metainfo for %s segment %d: %s", self.digest, index, e)
             return False
         self.fleet.swarm.add_segment((self.digest, index), meta.metainfo, self.directory, seed=False)
-        self._keep_metainfo(index, meta.metainfo)
+        if self.resume.saved.get(index) != meta.metainfo:
+            self._keep_metainfo(index, meta.metainfo)
         self.swarming.add(index)
         self.last_progress = time.monotonic()
         self.download.segment_sources[index] = "peer"
-        if index == self._reading_segment:
+        if not self.resume.begin_check(index) and index == self._reading_segment:
             self._read_first_piece(index, meta.metainfo)
         return True
+
+    def _check_unpublished(self) -> None:
+        """Segments an earlier attempt saved metainfo for, which the tracker does
+        not know: checked against that metainfo, published if complete."""
+        for index, metainfo in self.resume.saved.items():
+            if index in self.record.segments or index in self.swarming:
+                continue
+            self.fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=False)
+            self.swarming.add(index)
+            self.resume.unpublished[index] = metainfo
+            self.resume.begin_check(index)
 
     def _read_first_piece(self, index: int, metainfo: bytes) -> None:
         if index not in self._first_reads:
@@ -251,6 +265,8 @@ class CooperativeFetch:
     def _connect(self, index: int) -> None:
         """Give libtorrent the segment's peers: holders and other downloaders, or
         only the downloaders while this node fetches its stripe from scarce holders."""
+        if index in self.resume.checking:
+            return  # peers once libtorrent knows what is on disk: see _checked
         holders = self._holders_of(index)
         peers = [p for p in self.peers if p.fetching and not p.has(index)]  # other downloaders
         key = (self.digest, index)
@@ -300,10 +316,15 @@ class CooperativeFetch:
             return
         if isinstance(event, PieceFinished):
             self.last_progress = time.monotonic()
+            self.resume.found(index, event.piece)
             first = index * self.geometry.segment_size // self.geometry.piece_size
             self.download.mark_pieces(first + event.piece, first + event.piece + 1)
         elif isinstance(event, SegmentFinished):
-            self._segment_done(index, "peer")
+            self._segment_done(index, "local" if self.resume.complete_on_disk(index) else "peer")
+            if index in self.resume.unpublished:
+                self._spawn(self._publish_resumed(index, self.resume.unpublished.pop(index)))
+        elif isinstance(event, SegmentChecked):
+            self._checked(index)
         elif isinstance(event, HashFailed):
             log.info("piece %d of %s segment %d failed its hash; refetching it", event.piece,
                      self.digest, index)
@@ -312,8 +333,8 @@ class CooperativeFetch:
 
     async def _claim(self) -> None:
         fleet = self.fleet
-        wanted = [i for i in self.record.missing()
-                  if i not in self.done and i not in self.fetching]
+        wanted = [i for i in self.record.missing() if i not in self.done
+                  and i not in self.fetching and i not in self.resume.unpublished]
         room = fleet.parallel_leases - len(self.fetching)
         if not wanted or room <= 0 or self._defers_lease(time.monotonic()):
             return
@@ -586,6 +607,40 @@ class CooperativeFetch:
         await self._first_torrent.wait()  # the read may beat the segment's torrent
         self.fleet.swarm.add_piece((self.digest, index), 0, data)
 
+    # 6. what an interrupted attempt left on disk (see resume.py) --------------
+
+    def _checked(self, index: int) -> None:
+        found = self.resume.checked(index)
+        if index in self.resume.unpublished and index not in self.done:
+            # Incomplete, and only this node knows its metainfo: nobody can send
+            # the rest. Fetch it like any unpublished segment.
+            log.info("%s segment %d: %d bytes on disk, not complete and not published; "
+                     "fetching it again", self.digest, index, found)
+            self.fleet.swarm.remove_segment((self.digest, index))
+            self.swarming.discard(index)
+            self.resume.forget(index)
+            self._wake.set()
+            return
+        if found:
+            self.fleet.metrics.resumed_bytes.inc(found)
+            log.info("%s segment %d: kept %d bytes left on disk by an interrupted download",
+                     self.digest, index, found)
+        if index not in self.done:
+            self._connect(index)
+            meta = self.record.segments.get(index)
+            if meta is not None and index == self._reading_segment:
+                self._read_first_piece(index, meta.metainfo)
+
+    async def _publish_resumed(self, index: int, metainfo: bytes) -> None:
+        fleet = self.fleet
+        if self.tracker_down:
+            return
+        try:
+            self.record = await timed(fleet.metrics, "publish", lambda: fleet.tracker.publish(
+                self.digest, index, fleet.node_id, metainfo))
+        except (TrackerUnavailable, TrackerError) as e:
+            log.warning("publishing resumed %s segment %d failed: %s", self.digest, index, e)
+
     # Bookkeeping ----------------------------------------------------------
 
     def _segment_done(self, index: int, source: str) -> None:
@@ -598,14 +653,13 @@ class CooperativeFetch:
         self.download.mark_pieces(start // piece, -(-end // piece))
         self.download.segment_sources[index] = source
         self.fleet.metrics.segments.labels(source).inc()
-        self.fleet.metrics.fetched_bytes.labels(source).inc(end - start)
+        self.fleet.metrics.fetched_bytes.labels(source).inc(end - start - self.resume.found_in(index))
         self.fleet.announcer.hold_segment(self.digest, index)
         self._wake.set()
 
     def _save_metainfo(self, index: int, metainfo: bytes) -> None:
-        """Kept beside the segment so a restarted agent can seed without the tracker."""
-        path = self.directory / f"{index}.torrent"
-        path.write_bytes(metainfo)
+        """Kept beside the segment: a restarted agent checks what is on disk against it."""
+        metainfo_path(self.directory, index).write_bytes(metainfo)
 
     def _keep_metainfo(self, index: int, metainfo: bytes) -> None:
         self._spawn(asyncio.to_thread(self._save_metainfo, index, metainfo))

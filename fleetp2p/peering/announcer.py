@@ -17,6 +17,7 @@ from fleetp2p.peering.timed import timed
 from tracker.client import TrackerClient
 from tracker.errors import TrackerError, TrackerUnavailable
 from tracker.models import Node
+from tracker.waits import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,7 @@ class Announcer:
 
     async def run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._interval)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self._wake, self._interval)
             self._wake.clear()
             await self.announce_once()
 

@@ -14,6 +14,8 @@ import contextlib
 import time
 from collections.abc import Iterator
 
+from tracker.waits import wait_event
+
 
 class Holds:
     def __init__(self) -> None:
@@ -42,9 +44,7 @@ class Holds:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return
-            try:
-                await asyncio.wait_for(self._free.wait(), left)
-            except asyncio.TimeoutError:
+            if not await wait_event(self._free, left):
                 return
             wait = self._freed_at + quiet - time.monotonic()
             if wait <= 0:

@@ -8,8 +8,10 @@ Invariants:
 - a blob counts (is indexed, served, seeded) only with its `complete`
   marker, which is renamed into place after digest verification and fsync,
   so after any crash everything marked complete is whole;
-- directories without a marker are interrupted downloads and are deleted at
-  startup; `tmp/` holds nothing across restarts either;
+- directories without a marker are interrupted downloads: kept for the next
+  fetch of the same blob if a fleet download left its `partial` record there
+  (partials.py), deleted at startup otherwise; `tmp/` holds nothing across
+  restarts either;
 - LRU order is kept in memory and mirrored in file mtimes (touched at most
   once a minute per blob) so it survives restarts without a database;
 - pinned blobs (seeded releases) are never evicted.
@@ -32,6 +34,7 @@ from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.store.files import atomic_write
 from fleetp2p.store.geometry import Geometry
+from fleetp2p.store.partials import RECORD, Partials, write_record
 from fleetp2p.store.segments import SegmentReader, SegmentWriter
 
 log = logging.getLogger(__name__)
@@ -72,6 +75,7 @@ class BlobStore:
         self._pins: dict[str, set[str]] = {}  # label → digests
         self._pins_lock = threading.Lock()  # gc reads pins from a worker thread
         self._total = 0
+        self.partials = Partials()
         # called (blocking, in the GC thread) before a blob's files go: the swarm stops seeding it
         self.on_remove: list = []
 
@@ -94,18 +98,28 @@ class BlobStore:
         for algo_dir in self.blob_dir.iterdir():
             for path in algo_dir.iterdir():
                 entry = self._read_marker(algo_dir.name, path)
-                if entry is None:
+                if entry is not None:
+                    self._index[entry.digest] = entry
+                    self._total += entry.size
+                elif not self._adopt_partial(algo_dir.name, path):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
                     partial += 1
-                    continue
-                self._index[entry.digest] = entry
-                self._total += entry.size
         if partial:
             log.info("removed %d interrupted downloads left by a previous run", partial)
+        if self.partials:
+            log.info("kept %d interrupted downloads (%d bytes) to resume", len(self.partials),
+                     self.partials.bytes)
         self._load_pins()
         self._update_gauges()
         log.info("store %s: %d blobs, %d bytes, limit %d", self.root, len(self._index),
                  self._total, self.limit)
+
+    def _adopt_partial(self, algorithm: str, path: Path) -> bool:
+        try:
+            digest = Digest.parse(f"{algorithm}:{path.name}")
+        except ValueError:
+            return False
+        return path.is_dir() and self.partials.adopt(digest, path)
 
     def _read_marker(self, algorithm: str, path: Path) -> StoredBlob | None:
         try:
@@ -160,16 +174,32 @@ class BlobStore:
 
     # Writing -------------------------------------------------------------
 
-    def new_partial(self, digest: Digest, geometry: Geometry) -> SegmentWriter:
+    def new_partial(self, digest: Digest, geometry: Geometry, resume: bool = False) -> SegmentWriter:
         """Where a download writes. Its directory is the blob's final place (libtorrent
-        seeds from stable paths); it counts only once `commit` marks it complete."""
+        seeds from stable paths); it counts only once `commit` marks it complete.
+        `resume`: keep the files of an interrupted download cut the same way (the
+        caller checks them), and leave a record so a later run can do the same.
+        Blocking."""
         directory = self.path_for(digest)
+        kept = self.partials.take(digest)
+        if resume and kept is not None and kept.geometry == geometry:
+            log.info("resuming %s from %d bytes on disk", digest, kept.size_on_disk)
+            return SegmentWriter(directory, geometry)
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
         writer = SegmentWriter(directory, geometry)
+        if resume:
+            write_record(directory, digest, geometry)
         if geometry.size == 0:
             writer.ensure_empty_blob()
         return writer
+
+    def keep_partial(self, writer: SegmentWriter, digest: Digest) -> None:
+        """An interrupted download: resumable if it was started with `resume`,
+        else deleted. Blocking."""
+        writer.close()
+        if not self.partials.adopt(digest, writer.directory):
+            writer.discard()
 
     def commit(self, writer: SegmentWriter, digest: Digest,
                media_type: str | None = None) -> StoredBlob:
@@ -183,6 +213,7 @@ class BlobStore:
         atomic_write(writer.directory / MARKER, json.dumps({
             "size": geometry.size, "segment_size": geometry.segment_size,
             "piece_size": geometry.piece_size, "digest": str(digest)}).encode())
+        (writer.directory / RECORD).unlink(missing_ok=True)
         return self._register(digest, writer.directory, geometry, media_type)
 
     def put_bytes(self, digest: Digest, data: bytes, media_type: str | None = None) -> StoredBlob:
@@ -290,18 +321,25 @@ class BlobStore:
     # Eviction ------------------------------------------------------------
 
     def needs_gc(self, incoming: int = 0) -> bool:
-        return self._total + incoming > self.limit * self.high
+        return self._total + self.partials.bytes + incoming > self.limit * self.high
 
     def gc(self, incoming: int = 0, busy: set[Digest] | frozenset = frozenset()) -> int:
-        """Evict least recently used, unpinned, not busy blobs until usage is
-        at the low watermark. Blocking (unlink): call from a worker thread."""
+        """Evict interrupted downloads, then least recently used, unpinned, not
+        busy blobs, until usage is at the low watermark. Blocking (unlink): call
+        from a worker thread."""
         if not self.needs_gc(incoming):
             return 0
         target = self.limit * self.low - incoming
-        pinned = self.pinned_digests()
         freed = 0
+        while self._total + self.partials.bytes > target:
+            evicted = self.partials.evict_oldest()
+            if evicted is None:
+                break
+            freed += evicted.size_on_disk
+            self.metrics.evicted_bytes.inc(evicted.size_on_disk)
+        pinned = self.pinned_digests()
         for entry in sorted(self._index.values(), key=lambda e: e.last_access):
-            if self._total <= target:
+            if self._total + self.partials.bytes <= target:
                 break
             if str(entry.digest) in pinned or entry.digest in busy:
                 continue

@@ -22,6 +22,14 @@ class SegmentFinished:
 
 
 @dataclass(frozen=True)
+class SegmentChecked:
+    """libtorrent has checked the segment's file: the pieces it found on disk
+    were reported (PieceFinished) before this."""
+
+    key: SegmentKey
+
+
+@dataclass(frozen=True)
 class HashFailed:
     key: SegmentKey
     piece: int
@@ -33,4 +41,4 @@ class TorrentFailed:
     message: str
 
 
-SwarmEvent = PieceFinished | SegmentFinished | HashFailed | TorrentFailed
+SwarmEvent = PieceFinished | SegmentFinished | SegmentChecked | HashFailed | TorrentFailed

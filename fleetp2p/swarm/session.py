@@ -22,8 +22,8 @@ from pathlib import Path
 import libtorrent as lt
 
 from fleetp2p.metrics import Metrics
-from fleetp2p.swarm.events import (HashFailed, PieceFinished, SegmentFinished, SegmentKey,
-                                   SwarmEvent, TorrentFailed)
+from fleetp2p.swarm.events import (HashFailed, PieceFinished, SegmentChecked, SegmentFinished,
+                                   SegmentKey, SwarmEvent, TorrentFailed)
 from fleetp2p.swarm.metainfo import torrent_info
 
 log = logging.getLogger(__name__)
@@ -268,6 +268,8 @@ class Swarm:
             event = PieceFinished(key, int(alert.piece_index))
         elif isinstance(alert, lt.torrent_finished_alert):
             event = SegmentFinished(key)
+        elif isinstance(alert, lt.torrent_checked_alert):
+            event = SegmentChecked(key)
         elif isinstance(alert, lt.hash_failed_alert):
             self.metrics.piece_hash_failures.inc()
             event = HashFailed(key, int(alert.piece_index))

@@ -184,6 +184,34 @@ def test_a_busy_holder_gets_first_piece_reads_hedged(scene: Scene, blob: BlobMak
     assert scene.upstream.blob_bytes(mark, {b.digest}) == 0
 
 
+def test_a_node_killed_mid_pull_keeps_what_it_had(scene: Scene, blob: BlobMaker) -> None:
+    """kill -9 a node half-way through a pull from a peer, restart it: libtorrent
+    checks the segment files it left, the node takes only the missing bytes from
+    its peer, and nothing from upstream."""
+    b = blob("resume", 64 * MiB)
+    tracker = scene.tracker()
+    seed, node = scene.start_agents(scene.nodes[:2], tracker.url, segment_size="8MiB")
+    assert_verified(pull_all([seed.host], blob_path(b.repo, b.digest)), b)
+    mark = scene.upstream.access_log.mark()
+    _, pulls = start_pulls([node.host], blob_path(b.repo, b.digest), timeout=120)
+    assert wait_first([node], lambda s: s.served["peer"], b.size * 0.4, timeout=60) is not None
+    before = Snapshot.of(node).served["peer"]
+    node.kill9()
+    pulls[0].result(30)
+    assert before < b.size, "too late: the node had the whole blob"
+    assert not (node.blob_dir(b.digest) / "complete").exists()
+
+    node.start()
+    assert_verified(pull_all([node.host], blob_path(b.repo, b.digest)), b)
+    resumed = node.metric("fleetp2p_resumed_bytes_total")
+    fetched = node.metric("fleetp2p_fetched_bytes_total", source="peer")
+    print(f"killed after {before / b.size:.0%} of the blob had reached the client; "
+          f"the restarted node kept {resumed / b.size:.0%} and fetched {fetched / b.size:.0%}")
+    assert resumed >= before  # every byte a client had was on disk, hash-checked
+    assert fetched == b.size - resumed
+    assert scene.upstream.blob_bytes(mark, {b.digest}) == 0
+
+
 def _corrupt_segments(directory: Path, piece_size: int) -> int:
     """Flip 16 bytes at the start of every piece of every segment file; returns pieces hit."""
     hit = 0
