@@ -130,3 +130,19 @@ async def test_bad_fleet_copy_is_withdrawn_and_refetched(tmp_path):
         assert value(agent, agent.metrics.verification_failures, "blob") == 1
         record = await agent.tracker.get_blob(digest)
         assert record is not None and not record.segments  # bad metainfo withdrawn
+
+
+async def test_unreadable_metainfo_at_the_tracker_is_withdrawn_and_refetched(tmp_path):
+    """A node published bytes that are not a bencoded info dict for segment 0:
+    the next node withdraws it and fetches that segment from upstream."""
+    upstream = FakeUpstream()
+    data = os.urandom(SIZE)
+    digest = upstream.add_blob(data)
+    async with running(upstream.app()) as up, fleet(up, tmp_path, 1) as agents:
+        (agent, front), = agents
+        await agent.tracker.register(digest, SIZE, segment_size=1024 * 1024, piece_size=64 * 1024)
+        await agent.tracker.publish(digest, 0, "someone", b"not bencoded")
+        assert await asyncio.wait_for(pull(front, digest), 20) == data
+        record = await agent.tracker.get_blob(digest)
+        assert record is not None and record.segments[0].metainfo != b"not bencoded"
+        assert value(agent, agent.metrics.segments, "upstream") == 6

@@ -123,6 +123,7 @@ class CooperativeFetch:
         self._defer_version = -1
         self._defer_since = 0.0
         self.resume = Resume(self.geometry, set(), {})
+        self._withdrawing: set[int] = set()  # segments whose published metainfo is unusable
 
     @property
     def _reading_segment(self) -> int:
@@ -212,7 +213,10 @@ class CooperativeFetch:
             check_metainfo(meta.metainfo, index, self.geometry.segment_length(index),
                            self.geometry.piece_size)
         except ValueError as e:
-            log.warning("ignoring bad metainfo for %s segment %d: %s", self.digest, index, e)
+            if index not in self._withdrawing:
+                log.warning("withdrawing bad metainfo for %s segment %d: %s", self.digest, index, e)
+                self._withdrawing.add(index)
+                self._spawn(self._withdraw_bad(index, meta))
             return False
         self.fleet.swarm.add_segment((self.digest, index), meta.metainfo, self.directory, seed=False)
         if self.resume.saved.get(index) != meta.metainfo:
@@ -223,6 +227,18 @@ class CooperativeFetch:
         if not self.resume.begin_check(index) and index == self._reading_segment:
             self._read_first_piece(index, meta.metainfo)
         return True
+
+    async def _withdraw_bad(self, index: int, meta: SegmentMeta) -> None:
+        """Nobody can swarm that metainfo and, while it is published, nobody leases
+        the segment: withdrawn (if still the same), it is fetched from upstream."""
+        fleet = self.fleet
+        try:
+            self.record = await fleet.tracker.withdraw(self.digest, index, info_hash=meta.info_hash)
+        except (TrackerUnavailable, TrackerError) as e:
+            log.warning("withdrawing %s segment %d failed: %s", self.digest, index, e)
+        finally:
+            self._withdrawing.discard(index)
+        self._wake.set()
 
     def _check_unpublished(self) -> None:
         """Segments an earlier attempt saved metainfo for, which the tracker does

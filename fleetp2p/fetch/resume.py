@@ -52,7 +52,7 @@ class Resume:
                 check_metainfo(metainfo, index, geometry.segment_length(index), geometry.piece_size)
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: bdecode
+            except (OSError, ValueError) as e:
                 log.info("ignoring saved metainfo of segment %d in %s: %s", index, directory, e)
                 continue
             saved[index] = metainfo

@@ -25,8 +25,12 @@ def torrent_info(metainfo: bytes) -> "lt.torrent_info":
 
 
 def check_metainfo(metainfo: bytes, index: int, length: int, piece_size: int) -> None:
-    """Reject metainfo whose geometry does not match the blob record."""
-    info = lt.bdecode(metainfo)
+    """Reject (ValueError) metainfo that is not a bencoded info dict, or whose
+    geometry does not match the blob record."""
+    try:
+        info = lt.bdecode(metainfo)
+    except RuntimeError as e:  # the binding's bdecode error
+        raise ValueError(f"metainfo is not bencoded: {e}") from None
     if not isinstance(info, dict):
         raise ValueError("metainfo is not a bencoded dict")
     if info.get(b"name") != str(index).encode() or info.get(b"length") != length or \
@@ -39,8 +43,11 @@ def check_metainfo(metainfo: bytes, index: int, length: int, piece_size: int) ->
 
 
 def piece_hash(metainfo: bytes, piece: int) -> bytes | None:
-    """The published SHA-1 of one piece of a segment."""
-    info = lt.bdecode(metainfo)
+    """The published SHA-1 of one piece of a segment (None if unreadable)."""
+    try:
+        info = lt.bdecode(metainfo)
+    except RuntimeError:
+        return None
     pieces = info.get(b"pieces", b"") if isinstance(info, dict) else b""
     digest = pieces[20 * piece:20 * piece + 20]
     return digest if len(digest) == 20 else None
