@@ -10,6 +10,7 @@ the request that started it goes away: the next one finds it in the store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -23,7 +24,8 @@ from fleetp2p.peering.timed import timed
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.store import BlobStore, Geometry, SegmentReader, SegmentWriter, StoredBlob
-from fleetp2p.upstream import UpstreamClient
+from fleetp2p.store.partials import Record
+from fleetp2p.upstream import UpstreamBlob, UpstreamClient
 from tracker.errors import TrackerError, TrackerUnavailable
 from tracker.models import BlobRecord
 
@@ -182,7 +184,11 @@ class BlobFetcher:
                     raise VerificationError(f"the fleet's copy of {download.digest} failed "
                                             "verification; refetching from upstream")
             else:
-                writer = await self._from_upstream(download, registry, repository)
+                try:
+                    writer = await self._from_upstream(download, registry, repository)
+                except VerificationError:
+                    refetch = download.resumed > 0  # the bytes kept on disk were bad
+                    raise
             # Verified: clients may have the last byte now; the fsync and the
             # completion marker (what makes the blob count after a crash) follow.
             download.finish()
@@ -208,31 +214,55 @@ class BlobFetcher:
 
     async def _from_upstream(self, download: Download, registry: str,
                              repository: str) -> SegmentWriter:
-        """The whole blob in one stream, hashed as it arrives."""
-        stream = await self.upstream.open_blob(registry, repository, download.digest)
+        """The whole blob in one stream, hashed as it arrives. If an interrupted
+        stream left bytes on disk, they are hashed again and upstream is asked
+        for the rest only."""
+        digest = download.digest
+        kept = self.store.partials.peek(digest)
+        stream: UpstreamBlob | None = None
         writer: SegmentWriter | None = None
         try:
-            await self._make_room(stream.size)
-            writer = await asyncio.to_thread(self.store.new_partial, download.digest,
-                                           self.geometry(stream.size))
-            download.set_geometry(writer.geometry)
-            hasher = hashlib.new(download.digest.algorithm)
+            if kept is not None and kept.record.stream:
+                geometry = kept.record.geometry
+            else:
+                stream = await self.upstream.open_blob(registry, repository, digest)
+                geometry = self.geometry(stream.size)
+            await self._make_room(geometry.size)
+            writer = await asyncio.to_thread(self.store.new_partial, digest, geometry,
+                                             Record(digest, geometry, stream=True))
+            hasher = hashlib.new(digest.algorithm)
+            start = await asyncio.to_thread(_hash_prefix, writer, hasher) if stream is None else 0
+            if stream is None and start < geometry.size:  # else killed just before the commit
+                stream = await self.upstream.open_blob(registry, repository, digest, start)
+                if stream.size != geometry.size:
+                    raise VerificationError(f"upstream says {digest} has {stream.size} bytes, "
+                                            f"not {geometry.size}")
+            download.set_geometry(geometry)
+            if start:
+                download.resumed = start
+                download.advance(start)
+                self.metrics.resumed_bytes.inc(start)
+                log.info("%s: %d bytes were on disk; fetching the other %d from upstream", digest,
+                         start, geometry.size - start)
 
             def write(data: bytes, offset: int) -> None:
                 writer.pwrite(data, offset)
                 hasher.update(data)
 
-            await receive(stream.chunks(), write, 0, download.advance)
+            if stream is not None:
+                await receive(stream.chunks(), write, start, download.advance)
             self._check_digest(download, hasher.hexdigest())
-            self.metrics.fetched_bytes.labels("upstream").inc(writer.geometry.size)
-            self.metrics.segments.labels("upstream").inc(writer.geometry.segments)
+            self.metrics.fetched_bytes.labels("upstream").inc(geometry.size - start)
+            self.metrics.segments.labels("upstream").inc(geometry.segments)
             return writer
-        except BaseException:
+        except BaseException as e:
             if writer is not None:
-                await asyncio.to_thread(writer.discard)
+                await asyncio.to_thread(writer.discard if isinstance(e, VerificationError)
+                                        else functools.partial(self.store.keep_partial, writer, digest))
             raise
         finally:
-            await stream.close()
+            if stream is not None:
+                await stream.close()
 
     async def _from_fleet(self, download: Download, registry: str, repository: str,
                           record: BlobRecord) -> SegmentWriter | None:
@@ -269,10 +299,7 @@ class BlobFetcher:
         buffer = memoryview(bytearray(HASH_CHUNK))  # one buffer: no heap churn per chunk
 
         def hash_range(start: int, count: int) -> None:
-            view = buffer[:count]
-            if reader.read_into(start, view) != count:
-                raise VerificationError(f"{download.digest}: segment files shorter than written")
-            hasher.update(view)
+            _hash_range(reader, hasher, buffer, start, count)
 
         position = 0
         try:
@@ -332,3 +359,26 @@ class BlobFetcher:
             self.metrics.verification_failures.labels("blob").inc()
             raise VerificationError(f"bytes for {download.digest} hash to "
                                     f"{download.digest.algorithm}:{actual_hex}")
+
+
+def _hash_range(reader: SegmentReader, hasher: "hashlib._Hash", buffer: memoryview, start: int,
+                count: int) -> None:
+    """Blocking. One buffer for every chunk: no heap churn."""
+    view = buffer[:count]
+    if reader.read_into(start, view) != count:
+        raise VerificationError(f"{reader.directory}: segment files shorter than written")
+    hasher.update(view)
+
+
+def _hash_prefix(writer: SegmentWriter, hasher: "hashlib._Hash") -> int:
+    """Feed the bytes an interrupted stream left on disk to `hasher`; returns how
+    many. Blocking."""
+    end = writer.stream_prefix()
+    reader = SegmentReader(writer.directory, writer.geometry)
+    buffer = memoryview(bytearray(min(HASH_CHUNK, max(end, 1))))
+    try:
+        for position in range(0, end, HASH_CHUNK):
+            _hash_range(reader, hasher, buffer, position, min(HASH_CHUNK, end - position))
+    finally:
+        reader.close()
+    return end

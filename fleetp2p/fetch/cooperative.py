@@ -39,6 +39,7 @@ from fleetp2p.peering.announcer import Announcer
 from fleetp2p.peering.peerhttp import PeerReader
 from fleetp2p.peering.timed import timed
 from fleetp2p.store import BlobStore, Geometry, SegmentWriter
+from fleetp2p.store.partials import Record
 from fleetp2p.swarm import (HashFailed, PieceFinished, PieceHasher, SegmentChecked,
                             SegmentFinished, Swarm, SwarmEvent, make_metainfo)
 from fleetp2p.swarm.metainfo import check_metainfo, piece_hash
@@ -150,8 +151,9 @@ class CooperativeFetch:
             self._read_first_piece(first, early.metainfo)
             await asyncio.sleep(0)  # its request gets under way
         try:
-            self.writer = await asyncio.to_thread(self.fleet.store.new_partial,
-                                                  self.download.digest, self.geometry, True)
+            self.writer = await asyncio.to_thread(
+                self.fleet.store.new_partial, self.download.digest, self.geometry,
+                Record(self.download.digest, self.geometry))
             self.resume = await asyncio.to_thread(Resume.scan, self.directory, self.geometry)
         except BaseException:
             self._first_torrent.set()  # no torrent will come: the first read ends

@@ -30,6 +30,7 @@ class Download:
         self.error: BaseException | None = None
         self.task: asyncio.Task | None = None
         self.segment_sources: dict[int, str] = {}  # metrics label per segment; else upstream
+        self.resumed = 0  # bytes an interrupted attempt had left on disk, not fetched again
         self._pieces = bytearray()
         self._next_piece = 0
         self._waiters: list[asyncio.Future] = []

@@ -9,7 +9,7 @@ Invariants:
   marker, which is renamed into place after digest verification and fsync,
   so after any crash everything marked complete is whole;
 - directories without a marker are interrupted downloads: kept for the next
-  fetch of the same blob if a fleet download left its `partial` record there
+  fetch of the same blob if the download left its `partial` record there
   (partials.py), deleted at startup otherwise; `tmp/` holds nothing across
   restarts either;
 - LRU order is kept in memory and mirrored in file mtimes (touched at most
@@ -34,7 +34,7 @@ from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.store.files import atomic_write
 from fleetp2p.store.geometry import Geometry
-from fleetp2p.store.partials import RECORD, Partials, write_record
+from fleetp2p.store.partials import RECORD, Partials, Record, write_record
 from fleetp2p.store.segments import SegmentReader, SegmentWriter
 
 log = logging.getLogger(__name__)
@@ -174,22 +174,25 @@ class BlobStore:
 
     # Writing -------------------------------------------------------------
 
-    def new_partial(self, digest: Digest, geometry: Geometry, resume: bool = False) -> SegmentWriter:
+    def new_partial(self, digest: Digest, geometry: Geometry,
+                    resume: Record | None = None) -> SegmentWriter:
         """Where a download writes. Its directory is the blob's final place (libtorrent
         seeds from stable paths); it counts only once `commit` marks it complete.
-        `resume`: keep the files of an interrupted download cut the same way (the
-        caller checks them), and leave a record so a later run can do the same.
+        `resume`: keep the files of an interrupted download with this record (the
+        caller checks them), or start afresh with it, so a later run can resume.
         Blocking."""
         directory = self.path_for(digest)
         kept = self.partials.take(digest)
-        if resume and kept is not None and kept.geometry == geometry:
+        if resume is not None and kept is not None and resume.can_resume(kept.record):
             log.info("resuming %s from %d bytes on disk", digest, kept.size_on_disk)
+            if kept.record != resume:
+                write_record(directory, resume)
             return SegmentWriter(directory, geometry)
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)
         writer = SegmentWriter(directory, geometry)
-        if resume:
-            write_record(directory, digest, geometry)
+        if resume is not None:
+            write_record(directory, resume)
         if geometry.size == 0:
             writer.ensure_empty_blob()
         return writer
@@ -324,15 +327,15 @@ class BlobStore:
         return self._total + self.partials.bytes + incoming > self.limit * self.high
 
     def gc(self, incoming: int = 0, busy: set[Digest] | frozenset = frozenset()) -> int:
-        """Evict interrupted downloads, then least recently used, unpinned, not
-        busy blobs, until usage is at the low watermark. Blocking (unlink): call
-        from a worker thread."""
+        """Evict interrupted downloads, then least recently used, unpinned blobs,
+        none of them `busy`, until usage is at the low watermark. Blocking
+        (unlink): call from a worker thread."""
         if not self.needs_gc(incoming):
             return 0
         target = self.limit * self.low - incoming
         freed = 0
         while self._total + self.partials.bytes > target:
-            evicted = self.partials.evict_oldest()
+            evicted = self.partials.evict_oldest(busy)
             if evicted is None:
                 break
             freed += evicted.size_on_disk

@@ -1,13 +1,16 @@
 """Interrupted downloads, kept for the next attempt at the same blob.
 
-A fleet download writes into the blob's final directory (libtorrent seeds
-from stable paths) and drops a `partial` record there: the digest and the
-geometry its segment files are cut with. When the agent dies or restarts
-half-way, the files stay. The next fetch of that digest with the same
-geometry keeps them, and every segment it adds to the swarm is checked by
-libtorrent against the published piece hashes first: pieces that match count
-as on disk, the rest are fetched as usual, and the whole-blob digest is still
-checked at the end. A restart 40 GB into a 50 GB pull then costs 10 GB.
+A download writes into the blob's final directory (libtorrent seeds from
+stable paths) and drops a `partial` record there: the digest, the geometry
+its segment files are cut with, and whether it writes one in-order stream.
+When the agent dies or restarts half-way, the files stay, and the next fetch
+of that digest keeps them:
+- a fleet fetch has libtorrent check every segment file it adds to the swarm
+  against the published piece hashes: pieces that match count as on disk;
+- a single upstream stream hashes the bytes already on disk again and asks
+  upstream for the rest with `Range`.
+The whole-blob digest is still checked at the end, before the last byte goes
+out. A restart 40 GB into a 50 GB pull then costs 10 GB.
 
 Kept partials count against the store's limit and GC evicts them, oldest
 first, before any complete blob: they are the cheapest bytes to lose.
@@ -20,6 +23,7 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,28 +37,44 @@ RECORD = "partial"
 
 
 @dataclass(frozen=True)
-class Partial:
+class Record:
     digest: Digest
-    path: Path
     geometry: Geometry
+    # written as one in-order stream (a resume continues after the bytes on
+    # disk), rather than piece by piece (a resume checks every piece)
+    stream: bool = False
+
+    def can_resume(self, earlier: "Record") -> bool:
+        """Files an earlier attempt left are usable for this one: cut the same
+        way, and in-order if this one continues a stream (a piece-by-piece
+        download leaves holes; a check of every piece copes with anything)."""
+        return (self.digest == earlier.digest and self.geometry == earlier.geometry
+                and (earlier.stream or not self.stream))
+
+
+@dataclass(frozen=True)
+class Partial:
+    record: Record
+    path: Path
     size_on_disk: int
     mtime: float
 
 
-def write_record(directory: Path, digest: Digest, geometry: Geometry) -> None:
+def write_record(directory: Path, record: Record) -> None:
     atomic_write(directory / RECORD, json.dumps({
-        "digest": str(digest), "size": geometry.size, "segment_size": geometry.segment_size,
-        "piece_size": geometry.piece_size}).encode())
+        "digest": str(record.digest), "size": record.geometry.size,
+        "segment_size": record.geometry.segment_size, "piece_size": record.geometry.piece_size,
+        "stream": record.stream}).encode())
 
 
-def read_record(directory: Path) -> tuple[Digest, Geometry] | None:
-    """The record's digest and geometry; None if it is missing or unreadable."""
+def read_record(directory: Path) -> Record | None:
+    """None if the record is missing or unreadable."""
     try:
         raw = json.loads((directory / RECORD).read_bytes())
         geometry = Geometry(int(raw["size"]), int(raw["segment_size"]), int(raw["piece_size"]))
         if geometry.size < 0 or geometry.segment_size <= 0 or geometry.piece_size <= 0:
             return None
-        return Digest.parse(raw["digest"]), geometry
+        return Record(Digest.parse(raw["digest"]), geometry, raw.get("stream") is True)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -77,12 +97,16 @@ class Partials:
         """At startup: keep a marker-less blob directory whose record names this
         digest; False means it is debris to delete."""
         record = read_record(path)
-        if record is None or record[0] != digest:
+        if record is None or record.digest != digest:
             return False
         size, mtime = usage(path)
         with self._lock:
-            self._idle[digest] = Partial(digest, path, record[1], size, mtime)
+            self._idle[digest] = Partial(record, path, size, mtime)
         return True
+
+    def peek(self, digest: Digest) -> Partial | None:
+        with self._lock:
+            return self._idle.get(digest)
 
     def take(self, digest: Digest) -> Partial | None:
         """The idle partial of a blob whose fetch starts now: no longer GC's."""
@@ -97,14 +121,16 @@ class Partials:
     def __len__(self) -> int:
         return len(self._idle)
 
-    def evict_oldest(self) -> Partial | None:
-        """Remove the partial written to least recently. Blocking."""
+    def evict_oldest(self, busy: AbstractSet[Digest] = frozenset()) -> Partial | None:
+        """Remove the partial written to least recently, unless a fetch is about
+        to resume it (`busy`). Blocking."""
         with self._lock:
-            if not self._idle:
+            candidates = [p for p in self._idle.values() if p.record.digest not in busy]
+            if not candidates:
                 return None
-            oldest = min(self._idle.values(), key=lambda p: p.mtime)
-            del self._idle[oldest.digest]
+            oldest = min(candidates, key=lambda p: p.mtime)
+            del self._idle[oldest.record.digest]
         shutil.rmtree(oldest.path, ignore_errors=True)
-        log.info("gc removed the interrupted download of %s (%d bytes)", oldest.digest,
+        log.info("gc removed the interrupted download of %s (%d bytes)", oldest.record.digest,
                  oldest.size_on_disk)
         return oldest

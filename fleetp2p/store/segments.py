@@ -45,6 +45,21 @@ class SegmentWriter:
             offset += min(room, len(view))
             view = view[room:]
 
+    def stream_prefix(self) -> int:
+        """n such that bytes [0, n) are in the files, for a writer that wrote in
+        order: every segment file is full up to the first that is not. Blocking."""
+        done = 0
+        for index in range(self.geometry.segments):
+            try:
+                size = os.stat(segment_path(self.directory, index)).st_size
+            except FileNotFoundError:
+                break
+            length = self.geometry.segment_length(index)
+            done += min(size, length)
+            if size < length:
+                break
+        return done
+
     def ensure_empty_blob(self) -> None:
         """A zero-byte blob still has its one (empty) segment file."""
         self._fd(0)
