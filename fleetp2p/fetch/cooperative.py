@@ -12,7 +12,8 @@ Read top to bottom, a node wanting a cold blob:
 3. waits (tracker long-poll) for segments leased to others; a lease whose
    holder dies expires and is granted to the next claimer;
 4. drops a stalled swarm to upstream for the pieces it misses;
-5. if the tracker goes away, fetches what remains from upstream itself.
+5. if the tracker goes away, fetches what remains from upstream itself;
+6. keeps what an interrupted earlier attempt left on disk (resume.py).
 
 Pieces are marked readable as they land, so clients stream the blob in order
 while it arrives; the whole-blob digest is checked by the caller.
@@ -250,6 +251,7 @@ class CooperativeFetch:
                 continue
             self.fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=False)
             self.swarming.add(index)
+            self.download.segment_sources[index] = "local"
             self.resume.unpublished[index] = metainfo
             self.resume.begin_check(index)
 
