@@ -92,3 +92,8 @@ class UpstreamError(FleetError):
 
 class VerificationError(FleetError):
     """Bytes did not match the digest (or piece hash) they were promised to have."""
+
+
+class StorageError(FleetError):
+    """This node cannot write or read its own copy (disk full, I/O error): the
+    fetch stops at once rather than waiting for bytes that cannot land."""

@@ -9,8 +9,10 @@ import contextlib
 import hashlib
 import os
 import socket
+import subprocess
 
 import aiohttp
+import pytest
 
 from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
 from tracker.client import TrackerClient
@@ -146,3 +148,36 @@ async def test_unreadable_metainfo_at_the_tracker_is_withdrawn_and_refetched(tmp
         record = await agent.tracker.get_blob(digest)
         assert record is not None and record.segments[0].metainfo != b"not bencoded"
         assert value(agent, agent.metrics.segments, "upstream") == 6
+
+
+@contextlib.contextmanager
+def small_disk(path, size: str):
+    """A tmpfs of `size` at `path` (root only): a disk that fills up."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+async def test_a_full_disk_fails_the_pull_instead_of_hanging(tmp_path, caplog):
+    """libtorrent stops a segment's torrent when its file cannot be written: the
+    client's body is cut within seconds and the agent says why."""
+    upstream = FakeUpstream()
+    data = os.urandom(SIZE)
+    digest = upstream.add_blob(data)
+    port = free_port()
+    async with running(upstream.app()) as up, agent_for(
+            up, tmp_path / "a", **swarm_settings("embedded", tracker_listen=f"127.0.0.1:{port}")) \
+            as (_, front_a):
+        assert await pull(front_a, digest) == data
+        with small_disk(tmp_path / "small", "2m") as disk:
+            async with agent_for(up, disk / "b", store_max_size="1GiB",
+                                 **swarm_settings(f"http://127.0.0.1:{port}")) as (b, front_b):
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await asyncio.wait_for(pull(front_b, digest), 15)
+    failures = [r.getMessage() for r in caplog.records
+                if r.name == "fleetp2p.fetch.blobs" and "failed" in r.getMessage()]
+    assert failures and "No space left on device" in failures[0], failures

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetp2p.errors import UpstreamError
+from fleetp2p.errors import StorageError, UpstreamError
 from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.receive import receive
 from fleetp2p.fetch.resume import Resume, metainfo_path
@@ -42,7 +42,7 @@ from fleetp2p.peering.timed import timed
 from fleetp2p.store import BlobStore, Geometry, SegmentWriter
 from fleetp2p.store.partials import Record
 from fleetp2p.swarm import (HashFailed, PieceFinished, PieceHasher, SegmentChecked,
-                            SegmentFinished, Swarm, SwarmEvent, make_metainfo)
+                            SegmentFinished, Swarm, SwarmEvent, TorrentFailed, make_metainfo)
 from fleetp2p.swarm.metainfo import check_metainfo, piece_hash
 from fleetp2p.upstream import UpstreamClient
 from tracker.client import TrackerClient
@@ -348,6 +348,11 @@ class CooperativeFetch:
         elif isinstance(event, HashFailed):
             log.info("piece %d of %s segment %d failed its hash; refetching it", event.piece,
                      self.digest, index)
+        elif isinstance(event, TorrentFailed) and self._failure is None:
+            # libtorrent stops a torrent on a file error (a full disk, say): no
+            # more of it will land, and waiting would leave clients hanging.
+            self._failure = StorageError(f"{self.digest} segment {index}: {event.message}")
+            self._wake.set()
 
     # 2. unpublished segments come from upstream, one lease at a time ---------
 
