@@ -365,7 +365,7 @@ class CooperativeFetch:
             return
         try:
             grant = await timed(fleet.metrics, "claim", lambda: fleet.tracker.claim(
-                self.digest, fleet.node_id, count=room))
+                self.digest, fleet.node_id, segments=wanted, count=room))
         except TrackerUnavailable as e:
             self.tracker_failures += 1
             if self.tracker_failures >= TRACKER_FAILURES:

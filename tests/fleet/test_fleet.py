@@ -9,6 +9,7 @@ agents' `fleetp2p_upstream_bytes_total{kind="blob"}`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -316,3 +317,46 @@ def test_containerd_second_host_pulls_layers_from_first(scene: Scene) -> None:
     print(f"second host: served {snap.served}, segments {snap.segments}")
     assert snap.served["peer"] >= sum(layers.values())
     assert Snapshot.of(a1).served["upstream"] >= sum(layers.values())
+
+
+def test_containerd_pull_resumes_after_its_agent_was_killed(scene: Scene) -> None:
+    """One host, its agent with an embedded tracker (which forgets everything when
+    the agent dies). kill -9 the agent while containerd pulls a 64 MiB layer
+    through it (containerd then falls back to the registry, as hosts.toml lets
+    it). Restarted, the agent keeps the segments it had (checked against the
+    metainfo it saved, and published again), so containerd's next pull through
+    it takes only the rest from the registry."""
+    layout = build_image(scene.workdir / "big", [64 * MiB], tag="v1")
+    pushed = scene.upstream.push_layout(layout, "fleet/resume")
+    layer = layout.image.layers[0]
+    scene.set_rate([scene.net["registry"]], "100mbit")  # ~6 s for the layer
+    agent, = scene.start_agents(scene.nodes[:1], "embedded", segment_size="8MiB")
+    hosts_dir = write_hosts_dir(scene.workdir / "hosts", scene.upstream.name, scene.upstream.url,
+                                "http://127.0.0.1:5050")
+    with start_containerd() as ctrd:
+        def pull() -> None:
+            agent.host.run("ctr", "-a", str(ctrd.socket), "-n", "default", "image", "pull",
+                           "--snapshotter", ctrd.snapshotter, "--plain-http", "--hosts-dir",
+                           str(hosts_dir), pushed.ref, timeout=180)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(pull)
+            assert wait_first([agent], lambda s: s.upstream_blob_bytes, layer.size // 2,
+                              timeout=60) is not None
+            agent.kill9()
+            first.result(200)
+        assert not (agent.blob_dir(layer.digest) / "complete").exists()
+        ctrd.forget(pushed.ref)
+
+        agent.start()
+        mark = scene.upstream.access_log.mark()
+        pull()
+        assert pushed.ref in ctrd.image_names()
+    snap = Snapshot.of(agent)
+    again = scene.upstream.blob_bytes(mark, {layer.digest})
+    resumed = agent.metric("fleetp2p_resumed_bytes_total")
+    print(f"after the restart: kept {resumed / MiB:.0f} MiB, the registry sent "
+          f"{again / MiB:.1f} MiB of the {layer.size / MiB:.0f} MiB layer")
+    assert snap.served["upstream"] + snap.served["local"] + snap.served["peer"] >= layer.size
+    assert resumed >= layer.size // 2 - 8 * MiB  # the segment in flight is fetched again
+    assert again <= layer.size - resumed
