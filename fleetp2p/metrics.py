@@ -52,6 +52,9 @@ class Metrics:
                                  registry=r)
         self.store_pinned_bytes = Gauge("fleetp2p_store_pinned_bytes", "Bytes of pinned blobs",
                                         registry=r)
+        self.store_partial_bytes = Gauge("fleetp2p_store_partial_bytes",
+                                         "Bytes of interrupted downloads kept to resume (not "
+                                         "being fetched now); GC evicts them first", registry=r)
         self.evictions = Counter("fleetp2p_store_evictions", "Blobs evicted by GC", registry=r)
         self.evicted_bytes = Counter("fleetp2p_store_evicted_bytes",
                                      "Bytes evicted by GC (blobs and interrupted downloads)",

@@ -40,11 +40,13 @@ def test_a_recorded_partial_survives_a_restart_and_a_plain_one_does_not(tmp_path
     reopened.open()
     assert kept.exists() and not plain.directory.exists()
     assert 3 * MiB < reopened.partials.bytes < 3 * MiB + 4096  # segment files and the record
+    assert reopened.metrics.store_partial_bytes._value.get() == reopened.partials.bytes
     assert reopened.get(DIGEST) is None  # a partial is never served as a blob
 
     writer = reopened.new_partial(DIGEST, GEOMETRY, Record(DIGEST, GEOMETRY))
     assert (kept / "0").stat().st_size == MiB and (kept / "2").exists()
     assert reopened.partials.bytes == 0  # in flight now: not GC's to evict
+    assert reopened.metrics.store_partial_bytes._value.get() == 0
     writer.close()
 
 

@@ -386,6 +386,7 @@ NODE = Dashboard(
             Panel("Store size", (
                 q(f"fleetp2p_store_bytes{{{NODE_SEL}}}", "used"),
                 q(f"fleetp2p_store_pinned_bytes{{{NODE_SEL}}}", "pinned"),
+                q(f"fleetp2p_store_partial_bytes{{{NODE_SEL}}}", "interrupted downloads"),
                 q(f"fleetp2p_store_limit_bytes{{{NODE_SEL}}}", "limit"),
             ), unit="bytes", width=6),
             Panel("Evicted bytes", (

@@ -183,6 +183,8 @@ class BlobStore:
         Blocking."""
         directory = self.path_for(digest)
         kept = self.partials.take(digest)
+        if kept is not None:
+            self._update_gauges()
         if resume is not None and kept is not None and resume.can_resume(kept.record):
             log.info("resuming %s from %d bytes on disk", digest, kept.size_on_disk)
             if kept.record != resume:
@@ -201,7 +203,9 @@ class BlobStore:
         """An interrupted download: resumable if it was started with `resume`,
         else deleted. Blocking."""
         writer.close()
-        if not self.partials.adopt(digest, writer.directory):
+        if self.partials.adopt(digest, writer.directory):
+            self._update_gauges()
+        else:
             writer.discard()
 
     def commit(self, writer: SegmentWriter, digest: Digest,
@@ -340,6 +344,7 @@ class BlobStore:
                 break
             freed += evicted.size_on_disk
             self.metrics.evicted_bytes.inc(evicted.size_on_disk)
+            self._update_gauges()
         pinned = self.pinned_digests()
         for entry in sorted(self._index.values(), key=lambda e: e.last_access):
             if self._total + self.partials.bytes <= target:
@@ -360,6 +365,7 @@ class BlobStore:
         self.metrics.store_bytes.set(self._total)
         self.metrics.store_blobs.set(len(self._index))
         self.metrics.store_limit.set(self.limit)
+        self.metrics.store_partial_bytes.set(self.partials.bytes)
         pinned = self.pinned_digests()
         self.metrics.store_pinned_bytes.set(
             sum(e.size for d, e in self._index.items() if str(d) in pinned))
