@@ -80,9 +80,10 @@ def read_record(directory: Path) -> Record | None:
 
 
 def usage(directory: Path) -> tuple[int, float]:
-    """Bytes in the directory's files, and when the newest was last written."""
+    """Bytes the directory's files take on disk (allocated: a piece-by-piece
+    download leaves holes), and when the newest was last written."""
     stats = [entry.stat() for entry in os.scandir(directory) if entry.is_file()]
-    return sum(s.st_size for s in stats), max((s.st_mtime for s in stats), default=0.0)
+    return sum(s.st_blocks * 512 for s in stats), max((s.st_mtime for s in stats), default=0.0)
 
 
 class Partials:
@@ -94,8 +95,8 @@ class Partials:
         self._lock = threading.Lock()
 
     def adopt(self, digest: Digest, path: Path) -> bool:
-        """At startup: keep a marker-less blob directory whose record names this
-        digest; False means it is debris to delete."""
+        """Keep a marker-less blob directory (found at startup, or left by a fetch
+        that stopped) whose record names this digest; False: it is debris."""
         record = read_record(path)
         if record is None or record.digest != digest:
             return False
