@@ -93,3 +93,23 @@ async def test_add_piece_injects_and_bad_piece_is_rejected(tmp_path, two_swarms)
     await asyncio.wait_for(done.wait(), 10)
     assert (tmp_path / "dst" / "0").read_bytes() == data
     assert hashlib.sha256((tmp_path / "dst" / "0").read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+async def test_pieces_given_while_libtorrent_checks_the_file_are_kept(tmp_path, two_swarms):
+    """A new torrent first checks its file (here half of it, left by an earlier
+    attempt); libtorrent drops add_piece meanwhile, so the swarm holds the
+    pieces until the check is over."""
+    swarm, _ = two_swarms
+    pieces = 256
+    data = os.urandom(pieces * PIECE)
+    metainfo = segment_with_metainfo(tmp_path / "src", 0, data)
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "0").write_bytes(data[:pieces // 2 * PIECE])
+    key = ("sha256:z", 0)
+    done = asyncio.Event()
+    swarm.subscribe("sha256:z", lambda e: done.set() if isinstance(e, SegmentFinished) else None)
+    swarm.add_segment(key, metainfo, tmp_path / "dst", seed=False)
+    for piece in range(pieces // 2, pieces):
+        swarm.add_piece(key, piece, data[piece * PIECE:(piece + 1) * PIECE])
+    await asyncio.wait_for(done.wait(), 10)
+    assert (tmp_path / "dst" / "0").read_bytes() == data

@@ -77,6 +77,9 @@ class Swarm:
         self._keys: dict[str, SegmentKey] = {}  # info-hash hex → key
         self._listeners: dict[str, list[Listener]] = {}  # digest → listeners
         self._reads: dict[tuple[SegmentKey, int], asyncio.Future] = {}
+        # libtorrent drops add_piece while a new torrent checks its file (even an
+        # empty one): pieces fetched meanwhile wait here for torrent_checked
+        self._unchecked: dict[SegmentKey, list[tuple[int, bytes]]] = {}
         self._limits: dict[str, int] = {}  # digest → bytes/s each way
         self._pipe: tuple[int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -152,6 +155,8 @@ class Swarm:
         params.flags = flags
         handle = self._session.add_torrent(params)
         self._handles[key] = handle
+        if not seed:
+            self._unchecked[key] = []
         self._keys[str(handle.info_hash())] = key
         if key[0] in self._limits:
             self._apply_limit(key[0])
@@ -181,6 +186,7 @@ class Swarm:
             handle.resume()
 
     def remove_segment(self, key: SegmentKey) -> None:
+        self._unchecked.pop(key, None)
         handle = self._handles.pop(key, None)
         if handle is None or self._session is None:
             return
@@ -205,7 +211,10 @@ class Swarm:
     def add_piece(self, key: SegmentKey, piece: int, data: bytes) -> None:
         """Inject a piece fetched elsewhere (upstream); libtorrent hash-checks it."""
         handle = self._handles.get(key)
-        if handle is not None:
+        pending = self._unchecked.get(key)
+        if pending is not None:
+            pending.append((piece, data))
+        elif handle is not None:
             handle.add_piece(piece, data, 0)  # never over a piece already on disk
 
     def peer_count(self, key: SegmentKey) -> int:
@@ -269,6 +278,8 @@ class Swarm:
         elif isinstance(alert, lt.torrent_finished_alert):
             event = SegmentFinished(key)
         elif isinstance(alert, lt.torrent_checked_alert):
+            for piece, data in self._unchecked.pop(key, ()):
+                self.add_piece(key, piece, data)
             event = SegmentChecked(key)
         elif isinstance(alert, lt.hash_failed_alert):
             self.metrics.piece_hash_failures.inc()
