@@ -88,6 +88,25 @@ async def test_upstream_down_is_a_404_with_oci_error(tmp_path, upstream):
         assert status == 404 and b"MANIFEST_UNKNOWN" in body
 
 
+async def test_an_upstream_that_never_answers_times_out(tmp_path):
+    """Headers that never come: each attempt gives up after the header timeout
+    (the larger of the stall and connect timeouts), then the client gets a 404."""
+    async def silent(request):
+        await asyncio.sleep(30)
+        return aiohttp.web.Response()
+
+    app = aiohttp.web.Application()
+    app.router.add_route("*", "/v2/{tail:.+}", silent)
+    async with running(app) as up, agent_for(up, tmp_path, upstream_retries=1,
+                                             upstream_connect_timeout=0.5,
+                                             upstream_stall_timeout=0.5) as (agent, front):
+        started = asyncio.get_running_loop().time()
+        status, _, body = await get(front, "/v2/app/blobs/sha256:" + "ab" * 32)
+        took = asyncio.get_running_loop().time() - started
+    assert status == 404 and b"BLOB_UNKNOWN" in body
+    assert took < 5, f"{took:.1f} s"
+
+
 async def test_unknown_blob_and_manifest(tmp_path, upstream):
     async with running(upstream.app()) as up, agent_for(up, tmp_path) as (agent, front):
         status, _, body = await get(front, "/v2/app/blobs/sha256:" + "0" * 64)

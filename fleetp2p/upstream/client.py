@@ -212,9 +212,11 @@ class UpstreamClient:
             send_headers = dict(headers)
             if auth and _origin(url) == origin:
                 send_headers["Authorization"] = auth
-            resp = await asyncio.wait_for(
-                self.session.request(method, url, headers=send_headers, allow_redirects=False),
-                self._header_timeout)
+            # not asyncio.wait_for: on 3.11 it loses a cancel that races the reply
+            # (tracker/waits.py), and the fetch being cancelled would carry on
+            async with asyncio.timeout(self._header_timeout):
+                resp = await self.session.request(method, url, headers=send_headers,
+                                                  allow_redirects=False)
             if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                 url = urljoin(url, resp.headers["Location"])
                 resp.release()
