@@ -10,7 +10,6 @@ the request that started it goes away: the next one finds it in the store.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -255,10 +254,13 @@ class BlobFetcher:
             self.metrics.fetched_bytes.labels("upstream").inc(geometry.size - start)
             self.metrics.segments.labels("upstream").inc(geometry.segments)
             return writer
-        except BaseException as e:
-            if writer is not None:
-                await asyncio.to_thread(writer.discard if isinstance(e, VerificationError)
-                                        else functools.partial(self.store.keep_partial, writer, digest))
+        except VerificationError:
+            if writer is not None:  # the bytes are wrong: nothing to resume
+                await asyncio.to_thread(writer.discard)
+            raise
+        except BaseException:
+            if writer is not None:  # interrupted: a later fetch resumes it
+                await asyncio.to_thread(self.store.keep_partial, writer, digest)
             raise
         finally:
             if stream is not None:

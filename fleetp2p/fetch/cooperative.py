@@ -341,8 +341,8 @@ class CooperativeFetch:
             self.download.mark_pieces(first + event.piece, first + event.piece + 1)
         elif isinstance(event, SegmentFinished):
             self._segment_done(index, "local" if self.resume.complete_on_disk(index) else "peer")
-            if index in self.resume.unpublished:
-                self._spawn(self._publish_resumed(index, self.resume.unpublished.pop(index)))
+            if index in self.resume.unpublished and not self.tracker_down:
+                self._spawn(self._publish(index, self.resume.unpublished.pop(index)))
         elif isinstance(event, SegmentChecked):
             self._checked(index)
         elif isinstance(event, HashFailed):
@@ -436,12 +436,16 @@ class CooperativeFetch:
         fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=True)
         self._segment_done(index, "upstream")
         if not self.tracker_down:
-            try:
-                self.record = await timed(fleet.metrics, "publish", lambda: fleet.tracker.publish(
-                    self.digest, index, fleet.node_id, metainfo))
-            except (TrackerUnavailable, TrackerError) as e:
-                log.warning("publishing %s segment %d failed: %s", self.digest, index, e)
+            await self._publish(index, metainfo)
             await self._refresh_peers()  # who else downloads: see _defers_lease
+
+    async def _publish(self, index: int, metainfo: bytes) -> None:
+        fleet = self.fleet
+        try:
+            self.record = await timed(fleet.metrics, "publish", lambda: fleet.tracker.publish(
+                self.digest, index, fleet.node_id, metainfo))
+        except (TrackerUnavailable, TrackerError) as e:
+            log.warning("publishing %s segment %d failed: %s", self.digest, index, e)
 
     async def _stream_segment(self, start: int, end: int) -> PieceHasher:
         """Bytes [start, end) from upstream into the segment file, pieces hashed and
@@ -655,16 +659,6 @@ class CooperativeFetch:
             meta = self.record.segments.get(index)
             if meta is not None and index == self._reading_segment:
                 self._read_first_piece(index, meta.metainfo)
-
-    async def _publish_resumed(self, index: int, metainfo: bytes) -> None:
-        fleet = self.fleet
-        if self.tracker_down:
-            return
-        try:
-            self.record = await timed(fleet.metrics, "publish", lambda: fleet.tracker.publish(
-                self.digest, index, fleet.node_id, metainfo))
-        except (TrackerUnavailable, TrackerError) as e:
-            log.warning("publishing resumed %s segment %d failed: %s", self.digest, index, e)
 
     # Bookkeeping ----------------------------------------------------------
 
