@@ -160,15 +160,20 @@ class LinkTrace:
             self._stop.wait(self.interval)
 
     def report(self, names: Sequence[str]) -> str:
-        """Mbit/s sent/received per host and interval."""
-        lines = ["  t(s)  " + " ".join(f"{n[-7:]:>11}" for n in names)]
-        for (t0, a), (t1, b) in zip(self.rows, self.rows[1:]):
-            cells = []
+        """Mbit/s sent/received per host and interval; then each host's totals in
+        MiB (link bytes, headers included: what a swarm sent twice shows there)."""
+        def cells(a: dict, b: dict, scale: float) -> str:
+            out = []
             for n in names:
                 (s0, r0), (s1, r1) = a.get(n, (0, 0)), b.get(n, (0, 0))
-                rate = 8e-6 / max(1e-6, t1 - t0)
-                cells.append(f"{(s1 - s0) * rate:5.0f}/{(r1 - r0) * rate:<5.0f}")
-            lines.append(f"{t1 - self.rows[0][0]:6.1f}  " + " ".join(cells))
+                out.append(f"{(s1 - s0) * scale:5.0f}/{(r1 - r0) * scale:<5.0f}")
+            return " ".join(out)
+
+        lines = ["  t(s)  " + " ".join(f"{n[-7:]:>11}" for n in names)]
+        for (t0, a), (t1, b) in zip(self.rows, self.rows[1:]):
+            lines.append(f"{t1 - self.rows[0][0]:6.1f}  " + cells(a, b, 8e-6 / max(1e-6, t1 - t0)))
+        if len(self.rows) > 1:
+            lines.append("   MiB  " + cells(self.rows[0][1], self.rows[-1][1], 2.0 ** -20))
         return "\n".join(lines)
 
 
