@@ -14,6 +14,7 @@ import subprocess
 import aiohttp
 import pytest
 
+from fleetp2p.swarm import SegmentFinished, TorrentFailed
 from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
 from tracker.client import TrackerClient
 
@@ -148,6 +149,30 @@ async def test_unreadable_metainfo_at_the_tracker_is_withdrawn_and_refetched(tmp
         record = await agent.tracker.get_blob(digest)
         assert record is not None and record.segments[0].metainfo != b"not bencoded"
         assert value(agent, agent.metrics.segments, "upstream") == 6
+
+
+async def test_a_file_error_on_a_complete_segment_does_not_fail_the_pull(tmp_path, caplog):
+    """libtorrent stops a torrent on any file error, seeding ones too (a read for
+    an upload can fail): a segment already complete and verified stays usable."""
+    upstream = FakeUpstream()
+    data = os.urandom(SIZE)
+    digest = upstream.add_blob(data)
+    async with running(upstream.app()) as up, fleet(up, tmp_path, 2) as agents:
+        (_, front_a), (b, front_b) = agents
+        assert await pull(front_a, digest) == data
+        subscribe = b.swarm.subscribe
+
+        def failing_after_finish(blob: str, listener):
+            def relay(event) -> None:
+                listener(event)
+                if isinstance(event, SegmentFinished) and event.key[1] == 0:
+                    listener(TorrentFailed(event.key, "read error (injected)"))
+            return subscribe(blob, relay)
+
+        b.swarm.subscribe = failing_after_finish
+        assert await asyncio.wait_for(pull(front_b, digest), 20) == data
+    assert any("complete but no longer seeded: read error" in r.getMessage()
+               for r in caplog.records)
 
 
 @contextlib.contextmanager

@@ -348,10 +348,20 @@ class CooperativeFetch:
         elif isinstance(event, HashFailed):
             log.info("piece %d of %s segment %d failed its hash; refetching it", event.piece,
                      self.digest, index)
-        elif isinstance(event, TorrentFailed) and self._failure is None:
-            # libtorrent stops a torrent on a file error (a full disk, say): no
-            # more of it will land, and waiting would leave clients hanging.
-            self._failure = StorageError(f"{self.digest} segment {index}: {event.message}")
+        elif isinstance(event, TorrentFailed):
+            self._torrent_failed(index, event.message)
+
+    def _torrent_failed(self, index: int, message: str) -> None:
+        """libtorrent stops a torrent on a file error. A segment still coming in
+        never will (a full disk, say): fail the fetch rather than leave clients
+        hanging. A complete segment's pieces were verified as they landed: the
+        stopped torrent only stops seeding it, and the fetch goes on (a file that
+        can no longer be read fails it when the whole blob is hashed)."""
+        if index in self.done:
+            log.warning("%s segment %d is complete but no longer seeded: %s", self.digest,
+                        index, message)
+        elif self._failure is None:
+            self._failure = StorageError(f"{self.digest} segment {index}: {message}")
             self._wake.set()
 
     # 2. unpublished segments come from upstream, one lease at a time ---------
