@@ -39,6 +39,12 @@ async def pull(server, digest: str) -> bytes:
             return await resp.read()
 
 
+def upstream_with_blob(size: int = SIZE) -> tuple[FakeUpstream, bytes, str]:
+    upstream = FakeUpstream()
+    data = os.urandom(size)
+    return upstream, data, upstream.add_blob(data)
+
+
 def value(agent, metric, *labels) -> float:
     return metric.labels(*labels)._value.get() if labels else metric._value.get()
 
@@ -57,9 +63,7 @@ async def fleet(up, tmp_path, n: int):
 
 
 async def test_second_node_gets_blob_from_first(tmp_path):
-    upstream = FakeUpstream()
-    data = os.urandom(SIZE)
-    digest = upstream.add_blob(data)
+    upstream, data, digest = upstream_with_blob()
     async with running(upstream.app()) as up, fleet(up, tmp_path, 2) as agents:
         (a, front_a), (b, front_b) = agents
         assert await pull(front_a, digest) == data
@@ -75,9 +79,7 @@ async def test_second_node_gets_blob_from_first(tmp_path):
 
 
 async def test_cold_herd_costs_one_upstream_copy(tmp_path):
-    upstream = FakeUpstream()
-    data = os.urandom(SIZE)
-    digest = upstream.add_blob(data)
+    upstream, data, digest = upstream_with_blob()
     async with running(upstream.app()) as up, fleet(up, tmp_path, 4) as agents:
         bodies = await asyncio.gather(*(pull(front, digest) for _, front in agents))
         assert all(body == data for body in bodies)
@@ -101,9 +103,7 @@ async def test_embedded_tracker_takes_its_lease_limit_from_the_config(tmp_path):
 
 
 async def test_tracker_down_goes_straight_to_upstream(tmp_path):
-    upstream = FakeUpstream()
-    data = os.urandom(SIZE)
-    digest = upstream.add_blob(data)
+    upstream, data, digest = upstream_with_blob()
     dead = f"http://127.0.0.1:{free_port()}"
     async with running(upstream.app()) as up, \
             agent_for(up, tmp_path / "x", **swarm_settings(dead)) as (agent, front):
@@ -114,9 +114,7 @@ async def test_tracker_down_goes_straight_to_upstream(tmp_path):
 async def test_bad_fleet_copy_is_withdrawn_and_refetched(tmp_path):
     """Upstream corrupts one segment: its metainfo is published, the whole-blob
     digest then fails, the metainfo is withdrawn and the blob refetched whole."""
-    upstream = FakeUpstream()
-    data = os.urandom(SIZE)
-    digest = upstream.add_blob(data)
+    upstream, data, digest = upstream_with_blob()
     upstream.faults = ["corrupt"]
     async with running(upstream.app()) as up, fleet(up, tmp_path, 1) as agents:
         (agent, front), = agents
@@ -138,9 +136,7 @@ async def test_bad_fleet_copy_is_withdrawn_and_refetched(tmp_path):
 async def test_unreadable_metainfo_at_the_tracker_is_withdrawn_and_refetched(tmp_path):
     """A node published bytes that are not a bencoded info dict for segment 0:
     the next node withdraws it and fetches that segment from upstream."""
-    upstream = FakeUpstream()
-    data = os.urandom(SIZE)
-    digest = upstream.add_blob(data)
+    upstream, data, digest = upstream_with_blob()
     async with running(upstream.app()) as up, fleet(up, tmp_path, 1) as agents:
         (agent, front), = agents
         await agent.tracker.register(digest, SIZE, segment_size=1024 * 1024, piece_size=64 * 1024)
@@ -154,9 +150,7 @@ async def test_unreadable_metainfo_at_the_tracker_is_withdrawn_and_refetched(tmp
 async def test_a_file_error_on_a_complete_segment_does_not_fail_the_pull(tmp_path, caplog):
     """libtorrent stops a torrent on any file error, seeding ones too (a read for
     an upload can fail): a segment already complete and verified stays usable."""
-    upstream = FakeUpstream()
-    data = os.urandom(SIZE)
-    digest = upstream.add_blob(data)
+    upstream, data, digest = upstream_with_blob()
     async with running(upstream.app()) as up, fleet(up, tmp_path, 2) as agents:
         (_, front_a), (b, front_b) = agents
         assert await pull(front_a, digest) == data
@@ -190,9 +184,7 @@ def small_disk(path, size: str):
 async def test_a_full_disk_fails_the_pull_instead_of_hanging(tmp_path, caplog):
     """libtorrent stops a segment's torrent when its file cannot be written: the
     client's body is cut within seconds and the agent says why."""
-    upstream = FakeUpstream()
-    data = os.urandom(SIZE)
-    digest = upstream.add_blob(data)
+    upstream, data, digest = upstream_with_blob()
     port = free_port()
     async with running(upstream.app()) as up, agent_for(
             up, tmp_path / "a", **swarm_settings("embedded", tracker_listen=f"127.0.0.1:{port}")) \
