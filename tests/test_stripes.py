@@ -26,6 +26,7 @@ from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.peerhttp import BULK_HEADER, PeerReader, _left, peer_app
 from fleetp2p.store import Geometry
 from fleetp2p.swarm import Swarm, make_metainfo
+from fleetp2p.swarm.session import MIN_RATE
 from tracker.models import BlobRecord, MiB, Peer, SegmentMeta
 
 DIGEST = "sha256:" + "ab" * 32
@@ -253,24 +254,53 @@ def test_a_publisher_leaves_the_next_lease_to_a_node_that_fetched_nothing():
     assert not leaves_lease_to_others("a", record, [])                   # nobody else: claim it
 
 
-async def test_a_blob_cap_is_shared_by_its_segments(tmp_path):
+def add_seeded_segment(swarm: Swarm, tmp_path, index: int) -> None:
+    directory = tmp_path / str(index)
+    directory.mkdir()
+    (directory / str(index)).write_bytes(bytes(PIECE))
+    metainfo = make_metainfo(index, PIECE, PIECE, [hashlib.sha1(bytes(PIECE)).digest()])
+    swarm.add_segment((DIGEST, index), metainfo, directory, seed=True)
+
+
+@contextlib.asynccontextmanager
+async def started_swarm():
     swarm = Swarm("127.0.0.1:0", Metrics())
     await swarm.start()
     try:
+        yield swarm
+    finally:
+        await swarm.close()
+
+
+async def test_a_blob_cap_is_shared_by_its_segments(tmp_path):
+    async with started_swarm() as swarm:
         for index in range(4):
-            directory = tmp_path / str(index)
-            directory.mkdir()
-            (directory / str(index)).write_bytes(bytes(PIECE))
-            metainfo = make_metainfo(index, PIECE, PIECE, [hashlib.sha1(bytes(PIECE)).digest()])
-            swarm.add_segment((DIGEST, index), metainfo, directory, seed=True)
+            add_seeded_segment(swarm, tmp_path, index)
             if index == 1:
                 swarm.limit(DIGEST, 400_000)       # segments added later share it too
         limits = [h.download_limit() for h in swarm._handles.values()]
         assert limits == [100_000] * 4
         swarm.limit(DIGEST, 0)
         assert all(h.download_limit() <= 0 for h in swarm._handles.values())
-    finally:
-        await swarm.close()
+
+
+async def test_held_uploads_stay_under_the_blob_cap_and_lift(tmp_path):
+    async with started_swarm() as swarm:
+        for index in range(4):
+            add_seeded_segment(swarm, tmp_path, index)
+
+        def uploads() -> list[int]:
+            return [max(h.upload_limit(), 0) for h in swarm._handles.values()]
+        swarm.hold_uploads([(DIGEST, 0), (DIGEST, 1)], 50_000)
+        assert uploads() == [50_000, 50_000, 0, 0]
+        swarm.limit(DIGEST, 400_000)
+        assert uploads() == [50_000, 50_000, 100_000, 100_000]
+        swarm.hold_uploads([(DIGEST, 0)], 1)         # a trickle, not a stop
+        assert uploads()[0] == MIN_RATE
+        swarm.hold_uploads([(DIGEST, 0), (DIGEST, 1)], 0)
+        assert uploads() == [100_000] * 4
+        swarm.limit(DIGEST, 0)
+        assert uploads() == [0] * 4
 
 
 class CountingTracker:

@@ -147,6 +147,30 @@ async def test_unreadable_metainfo_at_the_tracker_is_withdrawn_and_refetched(tmp
         assert value(agent, agent.metrics.segments, "upstream") == 6
 
 
+async def test_a_fresh_segment_holds_uploads_while_its_first_copies_leave(tmp_path):
+    """After publishing a segment it fetched from upstream, a node holds its
+    BitTorrent uploads back for a while: that segment's to a trickle, the
+    others' to a share of the rate it arrived at; then every hold is lifted."""
+    upstream, data, digest = upstream_with_blob()
+    async with running(upstream.app()) as up, fleet(up, tmp_path, 1) as agents:
+        (a, front), = agents
+        holds: list[tuple[list, int]] = []
+        hold_uploads = a.swarm.hold_uploads
+
+        def recording(keys, rate: int) -> None:
+            holds.append((list(keys), rate))
+            hold_uploads(keys, rate)
+        a.swarm.hold_uploads = recording
+        assert await pull(front, digest) == data
+        await asyncio.sleep(0.5)  # in-process segments arrive in milliseconds: so do the lifts
+        fresh = [keys[0] for keys, rate in holds if rate == 1]
+        assert sorted(index for _, index in fresh) == list(range(6))
+        assert any(rate > 1 for _, rate in holds)
+        lifted = {key for keys, rate in holds if rate == 0 for key in keys}
+        assert lifted == {key for keys, rate in holds for key in keys}
+        assert all(h.upload_limit() <= 0 for h in a.swarm._handles.values())
+
+
 async def test_a_file_error_on_a_complete_segment_does_not_fail_the_pull(tmp_path, caplog):
     """libtorrent stops a torrent on any file error, seeding ones too (a read for
     an upload can fail): a segment already complete and verified stays usable."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import libtorrent as lt
@@ -62,12 +62,6 @@ def session_settings(listen: str) -> dict:
     }
 
 
-def _set_limits(handle: "lt.torrent_handle", rate: int) -> None:
-    """Bytes/s each way; -1: no cap."""
-    handle.set_download_limit(rate)
-    handle.set_upload_limit(rate)
-
-
 class Swarm:
     def __init__(self, listen: str, metrics: Metrics) -> None:
         self.listen = listen
@@ -81,6 +75,7 @@ class Swarm:
         # empty one): pieces fetched meanwhile wait here for torrent_checked
         self._unchecked: dict[SegmentKey, list[tuple[int, bytes]]] = {}
         self._limits: dict[str, int] = {}  # digest → bytes/s each way
+        self._held: dict[SegmentKey, int] = {}  # segment → bytes/s it may upload (hold_uploads)
         self._pipe: tuple[int, int] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats_task: asyncio.Task | None = None
@@ -158,7 +153,7 @@ class Swarm:
         if not seed:
             self._unchecked[key] = []
         self._keys[str(handle.info_hash())] = key
-        if key[0] in self._limits:
+        if key[0] in self._limits or key in self._held:
             self._apply_limit(key[0])
 
     def limit(self, digest: str, rate: int) -> None:
@@ -170,13 +165,31 @@ class Swarm:
             self._limits.pop(digest, None)
         self._apply_limit(digest)
 
+    def hold_uploads(self, keys: Iterable[SegmentKey], rate: int) -> None:
+        """Cap what each of these segments uploads (bytes/s, at least MIN_RATE;
+        0: lift the cap), under any cap of their blob."""
+        digests = set()
+        for key in keys:
+            if rate:
+                self._held[key] = max(MIN_RATE, rate)
+            else:
+                self._held.pop(key, None)
+            digests.add(key[0])
+        for digest in digests:
+            self._apply_limit(digest)
+
     def _apply_limit(self, digest: str) -> None:
         """libtorrent caps each torrent: the blob's cap is split among its
         segments (a per-segment cap let 8 segments take 8 times the cap)."""
-        handles = [h for key, h in self._handles.items() if key[0] == digest]
+        keys = [key for key in self._handles if key[0] == digest]
+        if not keys:
+            return
         rate = self._limits.get(digest, 0)
-        for handle in handles:
-            _set_limits(handle, max(MIN_RATE, rate // len(handles)) if rate else -1)
+        share = max(MIN_RATE, rate // len(keys)) if rate else -1
+        for key in keys:
+            handle, held = self._handles[key], self._held.get(key)
+            handle.set_download_limit(share)
+            handle.set_upload_limit(share if held is None else held if share < 0 else min(share, held))
 
     def disconnect(self, key: SegmentKey) -> None:
         """Drop every connection of a segment's torrent (its pieces stay)."""
@@ -187,6 +200,7 @@ class Swarm:
 
     def remove_segment(self, key: SegmentKey) -> None:
         self._unchecked.pop(key, None)
+        self._held.pop(key, None)
         handle = self._handles.pop(key, None)
         if handle is None or self._session is None:
             return
