@@ -1,5 +1,5 @@
 """Stripes (fleetp2p/fetch/stripes.py) and the rules around them:
-ownership every member agrees on, bulk reads yielding to urgent ones, lease rotation
+holders handing each piece out once, bulk reads yielding to urgent ones, lease rotation
 and blob-wide rate caps. The whole path
 through real libtorrent swarms runs in test_swarm_fetch.py and tests/fleet."""
 
@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -19,11 +18,12 @@ from aiohttp.test_utils import TestServer
 
 from fleetp2p.fetch.cooperative import leaves_lease_to_others
 from fleetp2p.fetch.download import Download
-from fleetp2p.fetch.stripes import Slots, owner, scarce, share_of
+from fleetp2p.fetch.stripes import Slots, scarce
 from fleetp2p.metrics import HEDGE_WINNERS, Metrics
 from fleetp2p.oci.reference import Digest
+from fleetp2p.peering.handouts import ROUND_TTL, Handouts, Span, bitfield, has_bit
 from fleetp2p.peering.holds import Holds
-from fleetp2p.peering.peerhttp import BULK_HEADER, PeerReader, _left, peer_app
+from fleetp2p.peering.peerhttp import PeerReader, _left, peer_app
 from fleetp2p.store import Geometry
 from fleetp2p.swarm import Swarm, make_metainfo
 from fleetp2p.swarm.session import MIN_RATE
@@ -33,26 +33,94 @@ DIGEST = "sha256:" + "ab" * 32
 PIECE = 64 * 1024
 
 
-def test_every_member_computes_the_same_owner_and_shares_are_even():
-    members = {f"node{i}" for i in range(15)}
-    owners = [owner(DIGEST, 0, piece, members) for piece in range(3000)]
-    assert owners == [owner(DIGEST, 0, piece, set(sorted(members))) for piece in range(3000)]
-    counts = Counter(owners)
-    assert set(counts) == members and max(counts.values()) < 2 * min(counts.values())
+def test_a_holder_hands_out_each_piece_once_lowest_first():
+    handouts = Handouts()
+    span = Span(0, 10 * PIECE + 5, PIECE)               # 11 pieces, the last one short
+    assert span.pieces == 11 and span.bounds(10) == (10 * PIECE, 10 * PIECE + 5)
+    nothing = bitfield(11, lambda p: False)
+    taken = [handouts.take(DIGEST, span, nothing, lambda lo, hi: True) for _ in range(11)]
+    assert taken == list(range(11))
+    assert handouts.take(DIGEST, span, nothing, lambda lo, hi: True) is None
+    assert handouts.take(DIGEST, Span(PIECE, 3 * PIECE, PIECE), bitfield(2, lambda p: False),
+                         lambda lo, hi: True) == 0      # another segment: its own round
 
 
-def test_a_newcomer_takes_pieces_only_from_others_shares():
-    members = {f"node{i}" for i in range(8)}
-    before = [owner(DIGEST, 3, piece, members) for piece in range(2000)]
-    after = [owner(DIGEST, 3, piece, members | {"late"}) for piece in range(2000)]
-    moved = [(b, a) for b, a in zip(before, after) if b != a]
-    assert moved and all(a == "late" for _, a in moved)
+def test_a_handout_skips_what_the_reader_has_and_the_holder_lacks():
+    handouts = Handouts()
+    span = Span(0, 12 * PIECE, PIECE)
+    have = bitfield(12, lambda p: p in (0, 1, 9))
+    assert [has_bit(have, p) for p in (0, 1, 2, 8, 9, 10)] == [True, True, False, False, True, False]
+    held = lambda lo, hi: lo != 2 * PIECE                # noqa: E731 - piece 2 is not verified here
+    assert handouts.take(DIGEST, span, have, held) == 3
+    assert handouts.take(DIGEST, span, have, lambda lo, hi: True) == 2
+    with pytest.raises(ValueError):
+        handouts.take(DIGEST, span, b"\0", held)        # a bitfield of the wrong length
 
 
-def test_shares_partition_a_segment():
-    members = frozenset(f"node{i}" for i in range(7))
-    shares = [share_of(DIGEST, 2, 500, members, m) for m in sorted(members)]
-    assert sorted(p for share in shares for p in share) == list(range(500))
+def test_a_piece_given_back_goes_to_the_next_reader_and_rounds_expire():
+    now = [0.0]
+    handouts = Handouts(clock=lambda: now[0])
+    span = Span(0, 4 * PIECE, PIECE)
+    nothing = bitfield(4, lambda p: False)
+    assert [handouts.take(DIGEST, span, nothing, lambda lo, hi: True) for _ in range(4)] == [0, 1, 2, 3]
+    handouts.give_back(DIGEST, span, 1)
+    assert handouts.take(DIGEST, span, nothing, lambda lo, hi: True) == 1
+    now[0] += ROUND_TTL - 1
+    assert handouts.take(DIGEST, span, nothing, lambda lo, hi: True) is None
+    now[0] += ROUND_TTL                                  # a quiet spell: a later wave starts over
+    assert handouts.take(DIGEST, span, nothing, lambda lo, hi: True) == 0
+
+
+def test_spans_refuse_nonsense_and_find_their_pieces():
+    for start, end, piece in ((5, 5, 1), (-1, 4, 1), (0, 4, 0), (0, 1 << 40, 1)):
+        with pytest.raises(ValueError):
+            Span(start, end, piece)
+    span = Span(3 * PIECE, 6 * PIECE - 7, PIECE)
+    assert span.piece_at(4 * PIECE, 5 * PIECE) == 1 and span.piece_at(5 * PIECE, 6 * PIECE - 7) == 2
+    assert span.piece_at(4 * PIECE, 5 * PIECE - 1) is None and span.piece_at(0, PIECE) is None
+
+
+async def test_readers_take_every_piece_once_through_the_holders_app():
+    """Two stripe readers against one holder's app: between them they get every
+    piece of the segment exactly once, with the bytes of that piece; then the
+    holder says it has handed out all (None)."""
+    size = 10 * PIECE + 100
+    blob = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    holder = await _peer(BlobReader(blob), size)
+    url = f"http://127.0.0.1:{holder.port}"
+    readers = [PeerReader(CountingTracker(url), f"r{i}", None, Metrics(), None)  # type: ignore[arg-type]
+               for i in range(2)]
+    digest = Digest.parse(DIGEST)
+    span = Span(2 * PIECE, size, PIECE)
+    got: list[int] = []
+    try:
+        for turn in range(span.pieces + 2):
+            handout = await readers[turn % 2].handout(digest, 0, span, bitfield(span.pieces, got.__contains__))
+            assert handout is not None
+            if handout.piece is None:
+                break
+            lo, hi = span.bounds(handout.piece)
+            assert handout.data == blob[lo:hi]
+            got.append(handout.piece)
+        assert got == list(range(span.pieces)) and handout.piece is None
+    finally:
+        for reader in readers:
+            await reader.close()
+        await holder.close()
+
+
+async def test_a_malformed_handout_request_is_a_bad_request():
+    holder = await _peer(BlobReader(bytes(4 * PIECE)), 4 * PIECE)
+    base = f"/peer/v1/blobs/{DIGEST}/handout"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for query in ("start=0&end=100&piece=100", "start=0&end=100&piece=100&have=zz",
+                          "start=0&end=100&piece=100&have=0000", f"start=0&end={5 * PIECE}&piece=100&have=00",
+                          "start=x&end=100&piece=100&have=00", "start=50&end=10&piece=1&have=00"):
+                async with session.get(holder.make_url(f"{base}?{query}")) as resp:
+                    assert resp.status == 400, query
+    finally:
+        await holder.close()
 
 
 def test_scarce_holders():
@@ -85,9 +153,25 @@ class SlowReader:
         pass
 
 
+class BlobReader:
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def read(self, offset: int, count: int) -> bytes:
+        return self.blob[offset:offset + count]
+
+    def close(self) -> None:
+        pass
+
+
 async def _get(session: aiohttp.ClientSession, server: TestServer, bulk: bool) -> tuple[int, float]:
-    headers = {"Range": "bytes=0-99", **({BULK_HEADER: "1"} if bulk else {})}
-    async with session.get(server.make_url(f"/peer/v1/blobs/{DIGEST}"), headers=headers) as resp:
+    """A range read (a client waits for it), or a stripe's handout (bulk) of the first 100 bytes."""
+    if bulk:
+        url = server.make_url(f"/peer/v1/blobs/{DIGEST}/handout?start=0&end=100&piece=100&have=00")
+        headers = {}
+    else:
+        url, headers = server.make_url(f"/peer/v1/blobs/{DIGEST}"), {"Range": "bytes=0-99"}
+    async with session.get(url, headers=headers) as resp:
         await resp.read()
         return resp.status, asyncio.get_running_loop().time()
 
@@ -232,10 +316,15 @@ async def test_a_reset_between_headers_and_body_is_no_server_error(caplog, monke
     monkeypatch.setattr(web.Response, "prepare", prepare_then_reset)
     try:
         async with aiohttp.ClientSession() as session:
+            first = None
             with contextlib.suppress(aiohttp.ClientError):  # what reaches it is moot: it left
-                await _get(session, server, bulk=True)
+                first = (await _get(session, server, bulk=True))[0]
             assert resets
             assert (await _get(session, server, bulk=False))[0] == 206
+            # The segment's one piece never reached that reader: it is handed out
+            # again, to aiohttp's own retry of the request or to the next one.
+            assert (first, (await _get(session, server, bulk=True))[0]) in ((206, 204), (None, 206))
+            assert (await _get(session, server, bulk=True))[0] == 204
         assert not [r for r in caplog.records if r.levelname == "ERROR"]
     finally:
         await server.close()
@@ -351,10 +440,10 @@ async def test_bulk_waits_for_a_quiet_spell_after_urgent_reads():
     assert 0.09 < time.monotonic() - started < 0.5
 
 
-async def _peer(reader: SlowReader | None) -> TestServer:
-    """A peer HTTP server holding a 1 MiB blob (or nothing, when `reader` is None)."""
+async def _peer(reader: SlowReader | BlobReader | None, size: int = 1024 * 1024) -> TestServer:
+    """A peer HTTP server holding a blob of `size` bytes (or nothing, when `reader` is None)."""
     def lookup(digest, start, end):
-        return None if reader is None else (lambda: reader, 1024 * 1024)
+        return None if reader is None else (lambda: reader, size)
     server = TestServer(peer_app(lookup, Metrics(), None), host="127.0.0.1")
     await server.start_server()
     return server

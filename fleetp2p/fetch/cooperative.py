@@ -4,8 +4,8 @@ metainfo is published, from upstream under a tracker lease where it is not.
 Read top to bottom, a node wanting a cold blob:
 1. starts a torrent for every segment whose metainfo is published, and gives
    it the peers the tracker knows: holders and other downloaders (while the
-   holders are few, this node fetches its stripe of pieces from them over
-   HTTP and trades with the downloaders only: see stripes.py);
+   holders are few, this node takes pieces from them over HTTP, as they
+   hand them out, and trades with the downloaders only: see stripes.py);
 2. claims a lease on an unpublished segment and fetches it from upstream with
    a Range request, hashing pieces as they stream, then seeds it and
    publishes its metainfo, so the rest of the fleet can swarm it at once;
@@ -145,7 +145,7 @@ class CooperativeFetch:
         self.download.set_geometry(self.geometry)
         if self.fleet.peer_reader is not None:
             self.stripes = Stripes(self.fleet.swarm, self.fleet.peer_reader, self.download,
-                                   self.geometry, self.fleet.node_id)
+                                   self.geometry)
         # A client waits for the first piece, which needs a holder, not the swarm:
         # ask for it before anything else is set up (under load the setup below
         # is tens of milliseconds, which the request's round trip now overlaps).
@@ -294,15 +294,12 @@ class CooperativeFetch:
         peers = [p for p in self.peers if p.fetching and not p.has(index)]  # other downloaders
         key = (self.digest, index)
         stripes = self.stripes
-        if stripes is not None:
-            members = {p.node_id for p in peers}
-            if stripes.started(index):
-                stripes.join(index, members)
-            elif scarce(len(holders), len(members) + 1):
-                stripes.start(index, members)
-                if index in self.holders_connected:  # connected before the others showed up
-                    self.holders_connected.discard(index)
-                    self.fleet.swarm.disconnect(key)
+        if stripes is not None and not stripes.started(index) and \
+                scarce(len(holders), len(peers) + 1):
+            stripes.start(index)
+            if index in self.holders_connected:  # connected before the others showed up
+                self.holders_connected.discard(index)
+                self.fleet.swarm.disconnect(key)
         if stripes is None or not stripes.started(index) or index in self.holders_connected:
             peers += holders
             self.holders_connected.add(index)
@@ -316,14 +313,14 @@ class CooperativeFetch:
         return [p for p in self.peers if p.has(index)]
 
     def _connect_holders_when_idle(self, now: float) -> None:
-        """A finished stripe does not connect to the holders at once: its pieces
-        still spread, and asking the holders for others' stripes duplicates them.
-        Only when the whole blob stops progressing (a member left, or its reads
-        failed) do the unfinished segments need the holders' own uplinks. Not
-        per segment: members fetch their shares segment after segment, each at
-        its own pace, so one segment may wait seconds for a member still busy
-        with an earlier one (with 16 MiB segments that cost the seed 25% more
-        bytes on the fleet bench)."""
+        """A finished stripe does not connect to the holders at once: the pieces
+        handed to others still spread, and asking the holders for them
+        duplicates them. Only when the whole blob stops progressing (a
+        downloader left with pieces handed to it, or reads failed) do the
+        unfinished segments need the holders' own uplinks. Not per segment: a
+        segment's last handouts may take seconds to spread while downloaders
+        are busy with other segments (with 16 MiB segments and fixed shares,
+        connecting per segment cost the seed 25% more bytes on the fleet bench)."""
         if now - self.last_progress < SEGMENT_IDLE or self.stripes is None:
             return
         for index in self.swarming:

@@ -8,30 +8,32 @@ its last piece had left it once, and the fleet waited for that piece.
 (libtorrent's super-seeding is meant for this, but in 2.0/2.1 it offers the
 first piece only after 10 s: the offer made during the handshake is dropped.)
 
-So while holders are scarce the downloaders split the segment's pieces among
-themselves by rendezvous hashing (a piece belongs to the member with the
-highest hash of piece and member id: every member computes the same owner,
-and a newcomer takes pieces from others without reshuffling the rest). Each
-fetches its share from the holders over HTTP and hands it to libtorrent,
-which checks it against the published piece hash; BitTorrent runs among the
-downloaders only, so every piece leaves a holder about once and then spreads
-at the downloaders' combined rate. A member whose share is done, or whose
-reads failed (holder gone, nobody answering), connects to the holders like
-any peer once the segment stops progressing: pieces a vanished member never
-fetched still arrive.
+So while holders are scarce each downloader takes pieces from a holder over
+HTTP, one at a time, and hands them to libtorrent, which checks each against
+the published piece hash. The holder picks the piece: the lowest one it has
+not handed to anybody yet and this downloader lacks (peering/handouts.py).
+BitTorrent runs among the downloaders only, so every piece leaves a holder
+about once and then spreads at the downloaders' combined rate, and each
+downloader takes pieces at the rate it can. (Shares fixed in advance by
+rendezvous hashing were uneven: on the fleet bench the largest of 15 was
+1.4 x the smallest, and in the last 3 s only a few nodes still read from the
+seed and had to fan all of it out.) A downloader whose holders have handed
+out everything, or whose reads failed (holder gone, nobody answering),
+connects to the holders like any peer once the segment stops progressing:
+pieces handed to a downloader that vanished still arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import heapq
 import itertools
 import logging
-from collections.abc import AsyncIterator, Set as AbstractSet
+from collections.abc import AsyncIterator
 
 from fleetp2p.fetch.download import Download
+from fleetp2p.peering.handouts import Span, bitfield
 from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.peerhttp import PeerReader
 from fleetp2p.store import Geometry
@@ -40,8 +42,8 @@ from fleetp2p.swarm import Swarm
 log = logging.getLogger(__name__)
 
 # Stripe while a segment has at least as many downloaders as holders: then the
-# holders' uplinks are the bottleneck. A lone downloader stripes too (its share
-# is everything): it would otherwise open BitTorrent connections to the holder
+# holders' uplinks are the bottleneck. A lone downloader stripes too (it is
+# handed everything): it would otherwise open BitTorrent connections to the holder
 # before the others show up, and their flows crowd out everyone's first piece.
 STRIPE_RATIO = 1
 CONCURRENT_READS = 2  # per blob: enough to keep a holder busy, little memory on its side
@@ -51,11 +53,11 @@ class Slots:
     """A semaphore that lets the lowest-numbered waiter in first.
 
     This orders the stripes of a blob's segments only loosely. Each segment
-    reads its share one piece at a time, so a freed slot goes to another
+    takes one piece at a time, so a freed slot goes to another
     segment's waiting read, and the earliest segments all advance together.
     On the 16-node bench (8 segments, 2 slots), the stripe reads of six of
     the eight segments began within 0.5 s; segment 0's ended at 13 s,
-    segment 7's at 26 s. A strict queue (2 readers per blob, always taking
+    segment 7's at 26 s (with shares fixed in advance). A strict queue (2 readers per blob, always taking
     the lowest piece) made the segments complete in order: clients had a
     quarter of the blob after about 10 s instead of 14-19 s. But the last
     copy arrived later: 30.8-32.5 s in 4 runs, against 28.9-31.4 s in 9 runs
@@ -100,27 +102,13 @@ def scarce(holders: int, downloaders: int) -> bool:
     return holders > 0 and downloaders >= STRIPE_RATIO * holders
 
 
-def owner(digest: str, index: int, piece: int, members: AbstractSet[str]) -> str:
-    def score(member: str) -> bytes:
-        return hashlib.blake2b(f"{digest}/{index}/{piece}/{member}".encode(), digest_size=8).digest()
-    return max(members, key=score)
-
-
-def share_of(digest: str, index: int, pieces: int, members: AbstractSet[str], me: str) -> list[int]:
-    """The pieces of segment `index` that `me` owns among `members`."""
-    return [p for p in range(pieces) if owner(digest, index, p, members) == me]
-
-
 class Stripes:
-    def __init__(self, swarm: Swarm, reader: PeerReader, download: Download, geometry: Geometry,
-                 node_id: str) -> None:
+    def __init__(self, swarm: Swarm, reader: PeerReader, download: Download, geometry: Geometry) -> None:
         self.swarm = swarm
         self.reader = reader
         self.download = download
         self.digest = str(download.digest)
         self.geometry = geometry
-        self.node_id = node_id
-        self.members: dict[int, set[str]] = {}
         self._tasks: dict[int, asyncio.Task] = {}
         self._reads = Slots(CONCURRENT_READS)
         self._holds = Holds()
@@ -132,16 +120,10 @@ class Stripes:
     def started(self, index: int) -> bool:
         return index in self._tasks
 
-    def start(self, index: int, members: set[str]) -> None:
-        """Fetch this node's share of segment `index`."""
-        self.members[index] = members | {self.node_id}
-        self._tasks[index] = asyncio.create_task(self._fetch_share(index),
+    def start(self, index: int) -> None:
+        """Take pieces of segment `index` from its holders until they have handed out all."""
+        self._tasks[index] = asyncio.create_task(self._take_pieces(index),
                                                  name=f"stripe {index} of {self.digest[:19]}")
-
-    def join(self, index: int, members: set[str]) -> None:
-        """Newly seen downloaders take their pieces from the rest of the share."""
-        if index in self.members:
-            self.members[index] |= members
 
     def paused(self) -> contextlib.AbstractContextManager:
         """No new reads meanwhile: while this node fetches a leased segment from
@@ -153,31 +135,24 @@ class Stripes:
         for task in self._tasks.values():
             task.cancel()
 
-    async def _fetch_share(self, index: int) -> None:
+    async def _take_pieces(self, index: int) -> None:
         start, end = self.geometry.segment_span(index)
-        piece_size = self.geometry.piece_size
-        first = start // piece_size
+        span = Span(start, end, self.geometry.piece_size)
+        first = start // span.piece
         key = (self.digest, index)
-        # Hashing every (piece, member) pair is seconds of CPU for a huge segment:
-        # off the loop. Members only join, and a joiner only takes pieces from
-        # others' shares, so this share is a superset of the final one.
-        share = await asyncio.to_thread(share_of, self.digest, index,
-                                        self.geometry.pieces_in(index),
-                                        frozenset(self.members[index]), self.node_id)
-        for piece in share:
-            if self.download.has_piece(first + piece) or \
-                    owner(self.digest, index, piece, self.members[index]) != self.node_id:
-                continue
-            lo = start + piece * piece_size
-            hi = min(lo + piece_size, end)
+        for taken in itertools.count():
             await self._holds.wait_free()
-            async with self._reads.slot(first + piece):
-                if self.download.has_piece(first + piece):
-                    continue
-                data = await self.reader.read(self.download.digest, lo, hi, segment=index, bulk=True)
-            if data is None:
-                log.info("no holder of %s segment %d answered for piece %d; swarming the rest",
-                         self.digest, index, piece)
+            async with self._reads.slot(first + taken):
+                has = [self.download.has_piece(first + p) for p in range(span.pieces)]
+                if all(has):
+                    return
+                have = bitfield(span.pieces, has.__getitem__)
+                handout = await self.reader.handout(self.download.digest, index, span, have)
+            if handout is None:
+                log.info("no holder of %s segment %d answered; swarming the rest",
+                         self.digest, index)
                 return
-            if not self.download.has_piece(first + piece):  # BitTorrent may have been faster
-                self.swarm.add_piece(key, piece, data)  # libtorrent checks the piece hash
+            if handout.piece is None:
+                return  # every piece this node lacks is on its way to another downloader
+            if not self.download.has_piece(first + handout.piece):  # BitTorrent may have been faster
+                self.swarm.add_piece(key, handout.piece, handout.data)  # libtorrent checks its hash

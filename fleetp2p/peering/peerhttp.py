@@ -19,6 +19,7 @@ import random
 import termios
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +28,7 @@ from fleetp2p.errors import FleetError
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.announcer import Announcer
+from fleetp2p.peering.handouts import Handouts, Span
 from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.timed import timed
 from fleetp2p.registry.ranges import parse_range
@@ -42,7 +44,6 @@ MAX_PEER_RANGE = 64 * 1024 * 1024
 PEERS_TO_TRY = 3
 HEDGE_DELAY = 0.1  # seconds a hedged read waits for the holder before asking others too
 HEDGES = 2
-BULK_HEADER = "X-Fleetp2p-Bulk"
 BULK_MAX_WAIT = 1.0
 # First pieces come in bursts (a fleet's clients start together, their requests
 # arrive over ~0.2 s): bulk reads wait until none was asked for this long, or
@@ -55,6 +56,15 @@ BULK_SLOTS = 8
 URGENT_SLOTS = 4
 LEFT_POLL = 0.005         # seconds between looks at a socket's send queue
 LEFT_SLACK = 16 * 1024    # unacknowledged bytes that count as "left"
+
+@dataclass(frozen=True)
+class Handout:
+    """A holder's answer to a stripe reader: a piece of the segment, or None
+    when it has handed out every piece the reader lacks."""
+
+    piece: int | None
+    data: bytes = b""
+
 
 # (digest, start, end) → (open a reader, blob size) when this node holds those bytes verified.
 Lookup = Callable[[Digest, int, int], "tuple[Callable[[], SegmentReader], int] | None"]
@@ -79,12 +89,10 @@ class PeerReader:
         self.announcer.hold_segment(str(digest), 0)
 
     async def read(self, digest: Digest, start: int, end: int, segment: int | None = None, *,
-                   bulk: bool = False, others: Callable[[], list[str]] | None = None
-                   ) -> bytes | None:
+                   others: Callable[[], list[str]] | None = None) -> bytes | None:
         """The bytes from some holder (of `segment`, when given), unverified; None if
-        no holder answered with all of them. `bulk` reads (stripes) yield to the
-        others at the holder: those are what a client is blocked on. `others`:
-        agents that may have the bytes too (see `_race`)."""
+        no holder answered with all of them. `others`: agents that may have the
+        bytes too (see `_race`)."""
         if end - start > MAX_PEER_RANGE:
             return None
         holders = (await self._holders(digest, segment))[:PEERS_TO_TRY]
@@ -97,9 +105,20 @@ class PeerReader:
                 return data
             holders = holders[1:]
         for url in holders:
-            data = await self._get(url, digest, start, end, bulk)
+            data = await self._get(url, digest, start, end)
             if data is not None:
                 return data
+        return None
+
+    async def handout(self, digest: Digest, segment: int, span: Span, have: bytes
+                      ) -> "Handout | None":
+        """A piece of the segment from one of its holders, picked by the holder
+        (see handouts.py), unverified; None if no holder answered. These are
+        bulk reads: a holder answers them after the reads a client is blocked on."""
+        for url in (await self._holders(digest, segment))[:PEERS_TO_TRY]:
+            handout = await self._take(url, digest, span, have)
+            if handout is not None:
+                return handout
         return None
 
     async def _race(self, holder: str, others: Callable[[], list[str]], digest: Digest,
@@ -109,7 +128,7 @@ class PeerReader:
         holder, whose uplink sends it to them one after another; whoever got it
         first can serve it meanwhile (an agent serves the pieces it has verified
         and answers 404 for the rest). The first complete answer wins."""
-        first = asyncio.create_task(self._get(holder, digest, start, end, False))
+        first = asyncio.create_task(self._get(holder, digest, start, end))
         tasks = {first}
         hedged = False
         try:
@@ -117,7 +136,7 @@ class PeerReader:
             if not done:
                 candidates = [url for url in others() if url != holder]
                 hedges = random.sample(candidates, min(HEDGES, len(candidates)))
-                tasks |= {asyncio.create_task(self._get(url, digest, start, end, False))
+                tasks |= {asyncio.create_task(self._get(url, digest, start, end))
                           for url in hedges}
                 hedged = bool(hedges)
             while tasks:
@@ -175,27 +194,47 @@ class PeerReader:
             self._peers[(digest, segment)] = (time.monotonic(), urls)
         return urls
 
-    async def _get(self, base: str, digest: Digest, start: int, end: int,
-                   bulk: bool) -> bytes | None:
+    async def _get(self, base: str, digest: Digest, start: int, end: int) -> bytes | None:
+        answer = await self._fetch(f"{base}/peer/v1/blobs/{digest}",
+                                   {"Range": f"bytes={start}-{end - 1}"})
+        if answer is None or answer[0] != 206:
+            return None
+        if len(answer[2]) != end - start:
+            log.debug("peer http %s range %d-%d: %d bytes", base, start, end, len(answer[2]))
+            return None
+        return answer[2]
+
+    async def _take(self, base: str, digest: Digest, span: Span, have: bytes) -> "Handout | None":
+        answer = await self._fetch(
+            f"{base}/peer/v1/blobs/{digest}/handout?start={span.start}&end={span.end}"
+            f"&piece={span.piece}&have={have.hex()}", {})
+        if answer is None:
+            return None
+        status, content_range, data = answer
+        if status == 204:
+            return Handout(None)
+        bounds = _content_range(content_range) if status == 206 else None
+        piece = span.piece_at(*bounds) if bounds is not None else None
+        if piece is None or len(data) != bounds[1] - bounds[0]:
+            log.debug("peer http %s handout of %d-%d: HTTP %d, %s, %d bytes", base, span.start,
+                      span.end, status, content_range, len(data))
+            return None
+        return Handout(piece, data)
+
+    async def _fetch(self, url: str, headers: dict[str, str]) -> tuple[int, str, bytes] | None:
+        """(status, Content-Range, body), or None if the peer could not be asked."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=PEER_TIMEOUT, sock_read=PEER_TIMEOUT))
-        headers = {**self._headers, "Range": f"bytes={start}-{end - 1}"}
-        if bulk:
-            headers[BULK_HEADER] = "1"
         try:
-            async with self._session.get(f"{base}/peer/v1/blobs/{digest}", headers=headers) as resp:
-                if resp.status != 206:
-                    log.debug("peer http %s range %d-%d: HTTP %d", base, start, end, resp.status)
+            async with self._session.get(url, headers={**self._headers, **headers}) as resp:
+                if resp.status not in (204, 206):
+                    log.debug("peer http %s: HTTP %d", url, resp.status)
                     return None
-                data = await resp.read()
+                return resp.status, resp.headers.get("Content-Range", ""), await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            log.debug("peer http %s range %d-%d: %r", base, start, end, e)
+            log.debug("peer http %s: %r", url, e)
             return None
-        if len(data) != end - start:
-            log.debug("peer http %s range %d-%d: %d bytes", base, start, end, len(data))
-            return None
-        return data
 
     async def close(self) -> None:
         for task in list(self._lookups.values()):
@@ -207,26 +246,40 @@ class PeerReader:
 def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Application:
     """Server side: the only routes other nodes can reach on this node's HTTP port."""
     secret = f"Bearer {token}".encode() if token else None
-    urgent = Holds()  # reads a client is blocked on go before bulk ones (stripes)
+    urgent = Holds()  # range reads (a client is blocked on them) go before handouts (stripes)
     bulk_slots = asyncio.Semaphore(BULK_SLOTS)
     urgent_slots = asyncio.Semaphore(URGENT_SLOTS)
+    handouts = Handouts()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         """Few responses at a time, each until it has left: fifteen first pieces
         sent together all arrive at the end (fair share), sent a few at a time
-        the median one arrives in half that time. Bulk reads wait while any
-        urgent one is queued or sent."""
-        if not request.headers.get(BULK_HEADER):
-            with urgent.held():
-                async with urgent_slots:
-                    return await sent(request, await serve(request))
+        the median one arrives in half that time. Handouts wait while any range
+        read is queued or sent."""
+        with urgent.held():
+            async with urgent_slots:
+                response = await serve_range(request)
+                await send(request, response)
+                return response
+
+    async def handle_handout(request: web.Request) -> web.StreamResponse:
         await urgent.wait_free(BULK_MAX_WAIT, URGENT_QUIET)  # bounded: bulk must not starve
         async with bulk_slots:
-            return await sent(request, await serve(request))
+            # Picked only now, with the uplink free for it: a reader queued here
+            # reserves nothing, and the pieces leave in the order they are handed.
+            response, handed = await serve_handout(request)
+            delivered = False
+            try:
+                delivered = await send(request, response)
+            finally:
+                if handed is not None and not delivered:
+                    handouts.give_back(*handed)
+            return response
 
-    async def sent(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    async def send(request: web.Request, response: web.StreamResponse) -> bool:
         """Sent, and (nearly) acknowledged: a response holds the uplink until it
-        has left, not until it is in the kernel's send buffer."""
+        has left, not until it is in the kernel's send buffer. False if the
+        reader left first."""
         try:
             await response.prepare(request)
             await response.write_eof()
@@ -235,11 +288,11 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
             # that lost its race): aiohttp's "Cannot write to closing transport",
             # seen on the fleet bench, which it would log as a server error. A
             # reader gone earlier cancels this handler instead.
-            return response
-        await _left(request.transport)
-        return response
+            return False
+        return await _left(request.transport)
 
-    async def serve(request: web.Request) -> web.StreamResponse:
+    def blob(request: web.Request) -> tuple[Digest, int] | web.Response:
+        """The blob asked for and its size, if this node holds any of it."""
         if secret is not None and not hmac.compare_digest(
                 request.headers.get("Authorization", "").encode(), secret):
             return web.Response(status=401)
@@ -247,10 +300,14 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
             digest = Digest.parse(request.match_info["digest"])
         except FleetError:
             return web.Response(status=400)
-        found_size = lookup(digest, 0, 0)
-        if found_size is None:
-            return web.Response(status=404)
-        size = found_size[1]
+        found = lookup(digest, 0, 0)
+        return web.Response(status=404) if found is None else (digest, found[1])
+
+    async def serve_range(request: web.Request) -> web.Response:
+        found = blob(request)
+        if isinstance(found, web.Response):
+            return found
+        digest, size = found
         try:
             ranges = parse_range(request.headers.get("Range"), size)
         except FleetError:
@@ -258,44 +315,84 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
         if not ranges or len(ranges) != 1 or ranges[0][1] - ranges[0][0] + 1 > MAX_PEER_RANGE:
             return web.Response(status=400)
         first, last = ranges[0]
-        found = lookup(digest, first, last + 1)
+        return await respond(digest, first, last + 1, size)
+
+    async def serve_handout(request: web.Request
+                            ) -> tuple[web.Response, tuple[str, Span, int] | None]:
+        """The next piece of a segment for a stripe reader (see handouts.py);
+        204 when this node has handed out every piece the reader lacks."""
+        found = blob(request)
+        if isinstance(found, web.Response):
+            return found, None
+        digest, size = found
+        query = request.query
+        try:
+            span = Span(int(query["start"]), int(query["end"]), int(query["piece"]))
+            if span.end > size or span.piece > MAX_PEER_RANGE:
+                raise ValueError(f"span {span} of a blob of {size} bytes")
+            piece = handouts.take(str(digest), span, bytes.fromhex(query["have"]),
+                                  lambda lo, hi: lookup(digest, lo, hi) is not None)
+        except (KeyError, ValueError):
+            return web.Response(status=400), None
+        if piece is None:
+            return web.Response(status=204), None
+        response = await respond(digest, *span.bounds(piece), size)
+        if response.status != 206:
+            handouts.give_back(str(digest), span, piece)
+            return response, None
+        return response, (str(digest), span, piece)
+
+    async def respond(digest: Digest, start: int, end: int, size: int) -> web.Response:
+        found = lookup(digest, start, end)
         if found is None:
             return web.Response(status=404)
         reader = found[0]()
         try:
-            data = await asyncio.to_thread(reader.read, first, last - first + 1)
+            data = await asyncio.to_thread(reader.read, start, end - start)
         except OSError:  # an unfinished download went away meanwhile
             return web.Response(status=404)
         finally:
             reader.close()
         metrics.peer_served_bytes.inc(len(data))
         return web.Response(status=206, body=data, headers={
-            "Content-Range": f"bytes {first}-{last}/{size}",
+            "Content-Range": f"bytes {start}-{end - 1}/{size}",
             "Content-Type": "application/octet-stream"})
 
     app = web.Application()
     app.router.add_get("/peer/v1/blobs/{digest}", handle)
+    app.router.add_get("/peer/v1/blobs/{digest}/handout", handle_handout)
     return app
 
 
-async def _left(transport: asyncio.WriteTransport | None, limit: float = PEER_TIMEOUT) -> None:
+def _content_range(value: str) -> tuple[int, int] | None:
+    """[start, end) of a `bytes FIRST-LAST/SIZE` header."""
+    unit, _, rest = value.partition(" ")
+    first, _, last = rest.partition("/")[0].partition("-")
+    if unit != "bytes" or not first.isdigit() or not last.isdigit() or int(last) < int(first):
+        return None
+    return int(first), int(last) + 1
+
+
+async def _left(transport: asyncio.WriteTransport | None, limit: float = PEER_TIMEOUT) -> bool:
     """Until the transport's buffer and the socket's send queue are (almost)
-    empty: the bytes were acknowledged by the receiver."""
+    empty: the bytes were acknowledged by the receiver. False if the reader
+    closed or reset the connection first."""
     sock = transport.get_extra_info("socket") if transport is not None else None
     if transport is None or sock is None:
-        return
+        return transport is not None and not transport.is_closing()
     deadline = time.monotonic() + limit
     buf = bytearray(4)
     while time.monotonic() < deadline:
         if transport.is_closing():  # the reader reset or closed it (a hedge that lost its race)
-            return
+            return False
         try:
             fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
         except OSError:
-            return
+            return False
         if int.from_bytes(buf, "little") + transport.get_write_buffer_size() <= LEFT_SLACK:
-            return
+            return True
         await asyncio.sleep(LEFT_POLL)
+    return True  # still queued: slow, not lost
 
 
 def store_lookup(store: BlobStore, lazy_blob: Callable, download: Callable) -> Lookup:
