@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from fleetp2p.metrics import HEDGE_WINNERS, Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.handouts import ROUND_TTL, Handouts, Span, bitfield, has_bit
 from fleetp2p.peering.holds import Holds
+from fleetp2p.peering.openreaders import IDLE, OpenReaders
 from fleetp2p.peering.peerhttp import PeerReader, _left, peer_app
-from fleetp2p.store import Geometry
+from fleetp2p.store import Geometry, SegmentReader
+from fleetp2p.store.segments import segment_path
 from fleetp2p.swarm import Swarm, make_metainfo
 from fleetp2p.swarm.session import MIN_RATE
 from tracker.models import BlobRecord, MiB, Peer, SegmentMeta
@@ -80,13 +83,13 @@ def test_spans_refuse_nonsense_and_find_their_pieces():
     assert span.piece_at(4 * PIECE, 5 * PIECE - 1) is None and span.piece_at(0, PIECE) is None
 
 
-async def test_readers_take_every_piece_once_through_the_holders_app():
+async def test_readers_take_every_piece_once_through_the_holders_app(tmp_path: Path):
     """Two stripe readers against one holder's app: between them they get every
     piece of the segment exactly once, with the bytes of that piece; then the
     holder says it has handed out all (None)."""
     size = 10 * PIECE + 100
     blob = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    holder = await _peer(BlobReader(blob), size)
+    holder = await _peer(holding(tmp_path, blob))
     url = f"http://127.0.0.1:{holder.port}"
     readers = [PeerReader(CountingTracker(url), f"r{i}", None, Metrics(), None)  # type: ignore[arg-type]
                for i in range(2)]
@@ -109,8 +112,8 @@ async def test_readers_take_every_piece_once_through_the_holders_app():
         await holder.close()
 
 
-async def test_a_malformed_handout_request_is_a_bad_request():
-    holder = await _peer(BlobReader(bytes(4 * PIECE)), 4 * PIECE)
+async def test_a_malformed_handout_request_is_a_bad_request(tmp_path: Path):
+    holder = await _peer(holding(tmp_path, bytes(4 * PIECE)))
     base = f"/peer/v1/blobs/{DIGEST}/handout"
     try:
         async with aiohttp.ClientSession() as session:
@@ -138,30 +141,55 @@ def test_download_covers_only_finished_pieces(tmp_path: Path):
     assert not download.covers(0, 0) and not download.covers(9000, 20000)
 
 
-class SlowReader:
-    """A segment reader whose reads take a while, like a busy disk."""
+class SlowReader(SegmentReader):
+    """A reader of a one-segment blob whose file takes a while to open, like a busy disk."""
 
-    def __init__(self, delay: float, fill: bytes = b"\0") -> None:
+    def __init__(self, directory: Path, size: int, delay: float) -> None:
+        super().__init__(directory, Geometry(size, size, size))
         self.delay = delay
-        self.fill = fill
 
-    def read(self, offset: int, count: int) -> bytes:
+    def file(self, index: int):
         time.sleep(self.delay)
-        return self.fill * count
-
-    def close(self) -> None:
-        pass
+        return super().file(index)
 
 
-class BlobReader:
-    def __init__(self, blob: bytes) -> None:
-        self.blob = blob
+def holding(tmp_path: Path, data: bytes, delay: float = 0.0):
+    """A peer server's lookup: this node holds `data` (verified), on disk."""
+    directory = Path(tempfile.mkdtemp(dir=tmp_path))
+    segment_path(directory, 0).write_bytes(data)
+    return lambda digest, start, end: (lambda: SlowReader(directory, len(data), delay), len(data))
 
-    def read(self, offset: int, count: int) -> bytes:
-        return self.blob[offset:offset + count]
 
-    def close(self) -> None:
-        pass
+class Source:
+    """Something a lookup answers from (a store entry, a download): readers are kept per source."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.lookup = holding(tmp_path, b"x" * 100)
+        self.made: list[SegmentReader] = []
+
+    def reader(self) -> SegmentReader:
+        self.made.append(self.lookup(DIGEST, 0, 0)[0]())
+        return self.made[-1]
+
+
+def test_a_holder_keeps_one_reader_per_source_open_while_it_is_used(tmp_path: Path):
+    now = [0.0]
+    readers = OpenReaders(clock=lambda: now[0])
+    one, two = Source(tmp_path), Source(tmp_path)
+    with readers.reader(one.reader) as first:
+        first.file(0)
+        with readers.reader(one.reader) as again, readers.reader(two.reader) as other:
+            assert again is first and other is not first
+        now[0] += IDLE + 1
+        with readers.reader(two.reader):
+            assert first.opened(0) is not None  # idle long enough, but in use
+    assert one.made == [first]
+    now[0] += IDLE + 1
+    with readers.reader(two.reader):            # the next answer closes those idle since
+        assert first.opened(0) is None
+    with readers.reader(one.reader) as fresh:
+        assert fresh is not first and len(one.made) == 2
+    readers.close()
 
 
 async def _get(session: aiohttp.ClientSession, server: TestServer, bulk: bool) -> tuple[int, float]:
@@ -176,8 +204,8 @@ async def _get(session: aiohttp.ClientSession, server: TestServer, bulk: bool) -
         return resp.status, asyncio.get_running_loop().time()
 
 
-async def test_bulk_reads_wait_for_urgent_ones():
-    app = peer_app(lambda digest, start, end: (lambda: SlowReader(0.3), 1000), Metrics(), None)
+async def test_bulk_reads_wait_for_urgent_ones(tmp_path: Path):
+    app = peer_app(holding(tmp_path, bytes(1000), 0.3), Metrics(), None)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
@@ -270,12 +298,12 @@ async def test_stripe_reads_go_lowest_piece_first():
 
 
 @pytest.mark.parametrize("gone_after", [0.1, 0.5])
-async def test_a_reader_that_gives_up_is_no_server_error(caplog, gone_after):
+async def test_a_reader_that_gives_up_is_no_server_error(caplog, gone_after, tmp_path: Path):
     """A reader that goes away before its response starts (a hedged read that
     lost its race) or while it is being sent (a stripe read's idle timeout):
     no server error, and the holder keeps serving."""
     size = 16 * 1024 * 1024
-    app = peer_app(lambda digest, start, end: (lambda: SlowReader(0.3), size), Metrics(), None)
+    app = peer_app(holding(tmp_path, bytes(size), 0.3), Metrics(), None)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
@@ -293,17 +321,17 @@ async def test_a_reader_that_gives_up_is_no_server_error(caplog, gone_after):
         await server.close()
 
 
-async def test_a_reset_between_headers_and_body_is_no_server_error(caplog, monkeypatch):
+async def test_a_reset_between_headers_and_body_is_no_server_error(caplog, monkeypatch, tmp_path: Path):
     """The reader resets after the holder sent the headers: the body's write
     meets a closing transport (aiohttp raises ConnectionResetError). aiohttp
     cancels a handler whose reader left while it worked, so only a reset that
     lands between the two writes gets here; the test closes the transport
     right after the headers to make that race certain."""
     size = 1024 * 1024
-    app = peer_app(lambda digest, start, end: (lambda: SlowReader(0), size), Metrics(), None)
+    app = peer_app(holding(tmp_path, bytes(size)), Metrics(), None)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    prepare = web.Response.prepare
+    prepare = web.StreamResponse.prepare
     resets = []
 
     async def prepare_then_reset(self, request):
@@ -313,7 +341,7 @@ async def test_a_reset_between_headers_and_body_is_no_server_error(caplog, monke
             request.transport.close()
         return writer
 
-    monkeypatch.setattr(web.Response, "prepare", prepare_then_reset)
+    monkeypatch.setattr(web.StreamResponse, "prepare", prepare_then_reset)
     try:
         async with aiohttp.ClientSession() as session:
             first = None
@@ -412,11 +440,11 @@ async def test_a_prefetched_holder_lookup_serves_the_first_read():
     digest = Digest.parse("sha256:" + "ab" * 32)
     try:
         reader.prefetch(digest, 0)
-        impatient = asyncio.create_task(reader._holders(digest, 0))
+        impatient = asyncio.create_task(reader.holders(digest, 0))
         await asyncio.sleep(0.01)
         impatient.cancel()  # a reader that gives up does not cancel the shared lookup
-        assert await reader._holders(digest, 0) == ["http://127.0.0.1:9"]
-        assert await reader._holders(digest, 0) == ["http://127.0.0.1:9"]  # cached
+        assert await reader.holders(digest, 0) == ["http://127.0.0.1:9"]
+        assert await reader.holders(digest, 0) == ["http://127.0.0.1:9"]  # cached
         assert tracker.calls == 1
     finally:
         await reader.close()
@@ -440,22 +468,21 @@ async def test_bulk_waits_for_a_quiet_spell_after_urgent_reads():
     assert 0.09 < time.monotonic() - started < 0.5
 
 
-async def _peer(reader: SlowReader | BlobReader | None, size: int = 1024 * 1024) -> TestServer:
-    """A peer HTTP server holding a blob of `size` bytes (or nothing, when `reader` is None)."""
-    def lookup(digest, start, end):
-        return None if reader is None else (lambda: reader, size)
-    server = TestServer(peer_app(lookup, Metrics(), None), host="127.0.0.1")
+async def _peer(lookup=None) -> TestServer:
+    """A peer HTTP server answering from `lookup` (see `holding`), or holding nothing."""
+    server = TestServer(peer_app(lookup or (lambda digest, start, end: None), Metrics(), None),
+                        host="127.0.0.1")
     await server.start_server()
     return server
 
 
-async def test_a_hedged_read_takes_the_first_complete_answer(caplog):
+async def test_a_hedged_read_takes_the_first_complete_answer(caplog, tmp_path: Path):
     """The holder is slow; another downloader has the piece: it wins, and the
     holder's abandoned answer is no error there. Another that lacks the piece
     (404) does not end the read: the holder's answer still counts."""
-    holder = await _peer(SlowReader(0.6, b"h"))
-    other = await _peer(SlowReader(0.0, b"o"))
-    lacking = await _peer(None)
+    holder = await _peer(holding(tmp_path, b"h" * 1000, 0.6))
+    other = await _peer(holding(tmp_path, b"o" * 1000))
+    lacking = await _peer()
     url = lambda s: f"http://127.0.0.1:{s.port}"  # noqa: E731
     metrics = Metrics()
     reader = PeerReader(CountingTracker(url(holder)), "me", None, metrics, None)  # type: ignore[arg-type]

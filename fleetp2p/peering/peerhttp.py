@@ -19,6 +19,7 @@ import random
 import termios
 import time
 from collections.abc import Callable
+from typing import BinaryIO
 from dataclasses import dataclass
 
 import aiohttp
@@ -30,8 +31,10 @@ from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.announcer import Announcer
 from fleetp2p.peering.handouts import Handouts, Span
 from fleetp2p.peering.holds import Holds
+from fleetp2p.peering.openreaders import OpenReaders
 from fleetp2p.peering.timed import timed
 from fleetp2p.registry.ranges import parse_range
+from fleetp2p.registry.sendfile import send_file_range
 from fleetp2p.store import BlobStore, SegmentReader
 from tracker.client import TrackerClient
 from tracker.errors import TrackerError, TrackerUnavailable
@@ -95,7 +98,7 @@ class PeerReader:
         bytes too (see `_race`)."""
         if end - start > MAX_PEER_RANGE:
             return None
-        holders = (await self._holders(digest, segment))[:PEERS_TO_TRY]
+        holders = (await self.holders(digest, segment))[:PEERS_TO_TRY]
         if not holders:
             log.debug("peer http: no holders of %s segment %s", digest, segment)
             return None
@@ -115,7 +118,7 @@ class PeerReader:
         """A piece of the segment from one of its holders, picked by the holder
         (see handouts.py), unverified; None if no holder answered. These are
         bulk reads: a holder answers them after the reads a client is blocked on."""
-        for url in (await self._holders(digest, segment))[:PEERS_TO_TRY]:
+        for url in (await self.holders(digest, segment))[:PEERS_TO_TRY]:
             handout = await self._take(url, digest, span, have)
             if handout is not None:
                 return handout
@@ -174,7 +177,9 @@ class PeerReader:
             task.add_done_callback(done)
         return task
 
-    async def _holders(self, digest: Digest, segment: int | None) -> list[str]:
+    async def holders(self, digest: Digest, segment: int | None) -> list[str]:
+        """Peer HTTP addresses of the holders the tracker knows (of `segment`, if
+        given; any part of the blob if not), cached for a few seconds."""
         cached = self._peers.get((digest, segment))
         if cached is not None and time.monotonic() - cached[0] < PEERS_TTL:
             return cached[1]
@@ -243,6 +248,16 @@ class PeerReader:
             await self._session.close()
 
 
+@dataclass(frozen=True)
+class _Bytes:
+    """A 206 answer: bytes [start, end) of a blob of `size`, from `opener`'s files."""
+
+    opener: Callable[[], SegmentReader]
+    start: int
+    end: int
+    size: int
+
+
 def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Application:
     """Server side: the only routes other nodes can reach on this node's HTTP port."""
     secret = f"Bearer {token}".encode() if token else None
@@ -250,6 +265,7 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     bulk_slots = asyncio.Semaphore(BULK_SLOTS)
     urgent_slots = asyncio.Semaphore(URGENT_SLOTS)
     handouts = Handouts()
+    readers = OpenReaders()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         """Few responses at a time, each until it has left: fifteen first pieces
@@ -258,8 +274,7 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
         read is queued or sent."""
         with urgent.held():
             async with urgent_slots:
-                response = await serve_range(request)
-                await send(request, response)
+                response, _ = await send(request, serve_range(request))
                 return response
 
     async def handle_handout(request: web.Request) -> web.StreamResponse:
@@ -267,28 +282,55 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
         async with bulk_slots:
             # Picked only now, with the uplink free for it: a reader queued here
             # reserves nothing, and the pieces leave in the order they are handed.
-            response, handed = await serve_handout(request)
+            answer, handed = serve_handout(request)
             delivered = False
             try:
-                delivered = await send(request, response)
+                response, delivered = await send(request, answer)
             finally:
                 if handed is not None and not delivered:
                     handouts.give_back(*handed)
             return response
 
-    async def send(request: web.Request, response: web.StreamResponse) -> bool:
-        """Sent, and (nearly) acknowledged: a response holds the uplink until it
-        has left, not until it is in the kernel's send buffer. False if the
-        reader left first."""
+    async def send(request: web.Request, answer: web.Response | _Bytes
+                   ) -> tuple[web.StreamResponse, bool]:
+        """The response, and whether it reached the reader."""
+        if isinstance(answer, web.Response):
+            return answer, await sent(request, answer, [])
+        with readers.reader(answer.opener) as reader:
+            try:
+                files = [(reader.opened(i) or await asyncio.to_thread(reader.file, i), within, n)
+                         for i, within, n in reader.pieces(answer.start, answer.end - answer.start)]
+            except OSError:  # an unfinished download went away meanwhile
+                response = web.Response(status=404)
+                return response, await sent(request, response, [])
+            response = web.StreamResponse(status=206, headers={
+                "Content-Range": f"bytes {answer.start}-{answer.end - 1}/{answer.size}",
+                "Content-Type": "application/octet-stream"})
+            response.content_length = answer.end - answer.start
+            return response, await sent(request, response, files)
+
+    async def sent(request: web.Request, response: web.StreamResponse,
+                   files: list[tuple[BinaryIO, int, int]]) -> bool:
+        """Sent (zero-copy from `files`: (file, offset, count)), and (nearly)
+        acknowledged: a response holds the uplink until it has left, not until
+        it is in the kernel's send buffer. False if the reader left first."""
         try:
             await response.prepare(request)
+            for f, offset, count in files:
+                await send_file_range(request, response, f, offset, count)
             await response.write_eof()
-        except ConnectionResetError:
+        except ConnectionError:
             # The reader reset between the headers and the body (a hedged read
             # that lost its race): aiohttp's "Cannot write to closing transport",
             # seen on the fleet bench, which it would log as a server error. A
             # reader gone earlier cancels this handler instead.
             return False
+        except OSError as e:  # the file failed mid-way: a short body must not pass as whole
+            log.warning("peer http %s: %s", request.path, e)
+            if request.transport is not None:
+                request.transport.abort()
+            return False
+        metrics.peer_served_bytes.inc(sum(count for _, _, count in files))
         return await _left(request.transport)
 
     def blob(request: web.Request) -> tuple[Digest, int] | web.Response:
@@ -303,7 +345,7 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
         found = lookup(digest, 0, 0)
         return web.Response(status=404) if found is None else (digest, found[1])
 
-    async def serve_range(request: web.Request) -> web.Response:
+    def serve_range(request: web.Request) -> web.Response | _Bytes:
         found = blob(request)
         if isinstance(found, web.Response):
             return found
@@ -315,10 +357,10 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
         if not ranges or len(ranges) != 1 or ranges[0][1] - ranges[0][0] + 1 > MAX_PEER_RANGE:
             return web.Response(status=400)
         first, last = ranges[0]
-        return await respond(digest, first, last + 1, size)
+        return held(digest, first, last + 1, size)
 
-    async def serve_handout(request: web.Request
-                            ) -> tuple[web.Response, tuple[str, Span, int] | None]:
+    def serve_handout(request: web.Request
+                      ) -> tuple[web.Response | _Bytes, tuple[str, Span, int] | None]:
         """The next piece of a segment for a stripe reader (see handouts.py);
         204 when this node has handed out every piece the reader lacks."""
         found = blob(request)
@@ -336,31 +378,19 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
             return web.Response(status=400), None
         if piece is None:
             return web.Response(status=204), None
-        response = await respond(digest, *span.bounds(piece), size)
-        if response.status != 206:
-            handouts.give_back(str(digest), span, piece)
-            return response, None
-        return response, (str(digest), span, piece)
+        return held(digest, *span.bounds(piece), size), (str(digest), span, piece)
 
-    async def respond(digest: Digest, start: int, end: int, size: int) -> web.Response:
+    def held(digest: Digest, start: int, end: int, size: int) -> web.Response | _Bytes:
         found = lookup(digest, start, end)
-        if found is None:
-            return web.Response(status=404)
-        reader = found[0]()
-        try:
-            data = await asyncio.to_thread(reader.read, start, end - start)
-        except OSError:  # an unfinished download went away meanwhile
-            return web.Response(status=404)
-        finally:
-            reader.close()
-        metrics.peer_served_bytes.inc(len(data))
-        return web.Response(status=206, body=data, headers={
-            "Content-Range": f"bytes {start}-{end - 1}/{size}",
-            "Content-Type": "application/octet-stream"})
+        return web.Response(status=404) if found is None else _Bytes(found[0], start, end, size)
+
+    async def close_readers(app: web.Application) -> None:
+        readers.close()
 
     app = web.Application()
     app.router.add_get("/peer/v1/blobs/{digest}", handle)
     app.router.add_get("/peer/v1/blobs/{digest}/handout", handle_handout)
+    app.on_cleanup.append(close_readers)
     return app
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
-from typing import BinaryIO
 
 from aiohttp import web
 
 from fleetp2p.fetch import BlobSource
 from fleetp2p.fetch.download import DownloadFailed
 from fleetp2p.metrics import Metrics
+from fleetp2p.registry.sendfile import send_file_range
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,6 @@ SEND_CHUNK = 16 * 1024 * 1024
 # (after the first one, which goes out at once): many tiny sendfile calls
 # cost more event-loop time than the bytes they move.
 SEND_BATCH = 1024 * 1024
-FALLBACK_CHUNK = 1024 * 1024
 
 
 class Span:
@@ -58,7 +56,6 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
     fails mid-way (a download that does not verify), the connection is aborted
     so the client never sees a complete body."""
     await response.prepare(request)
-    loop = asyncio.get_running_loop()
     reader = source.reader()
     first = True
     try:
@@ -76,7 +73,7 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
                     if first:
                         metrics.ttfb.labels(label).observe(time.monotonic() - started)
                         first = False
-                    await _sendfile(loop, request, response, f, within, n)
+                    await send_file_range(request, response, f, within, n)
                     metrics.served_bytes.labels(label).inc(n)
                 position += count
         if trailer:
@@ -93,23 +90,3 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
         return False
     finally:
         reader.close()
-
-
-async def _sendfile(loop: asyncio.AbstractEventLoop, request: web.Request,
-                    response: web.StreamResponse, f: BinaryIO, offset: int, count: int) -> None:
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away")
-    try:
-        await loop.sendfile(transport, f, offset, count, fallback=False)
-        return
-    except (NotImplementedError, RuntimeError):
-        pass  # e.g. uvloop or TLS: copy through the writer instead
-    end = offset + count
-    while offset < end:
-        n = min(FALLBACK_CHUNK, end - offset)
-        data = await asyncio.to_thread(os.pread, f.fileno(), n, offset)
-        if not data:
-            raise ConnectionAbortedError("file shorter than expected")
-        await response.write(data)
-        offset += len(data)
