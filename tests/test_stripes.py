@@ -172,7 +172,7 @@ class Source:
         return self.made[-1]
 
 
-def test_a_holder_keeps_one_reader_per_source_open_while_it_is_used(tmp_path: Path):
+async def test_a_holder_keeps_one_reader_per_source_open_while_it_is_used(tmp_path: Path):
     now = [0.0]
     readers = OpenReaders(clock=lambda: now[0])
     one, two = Source(tmp_path), Source(tmp_path)
@@ -189,6 +189,18 @@ def test_a_holder_keeps_one_reader_per_source_open_while_it_is_used(tmp_path: Pa
         assert first.opened(0) is None
     with readers.reader(one.reader) as fresh:
         assert fresh is not first and len(one.made) == 2
+    readers.close()
+    assert fresh.opened(0) is None
+
+
+async def test_idle_readers_are_closed_without_another_answer(tmp_path: Path):
+    """A blob that GC removed must not keep its disk space through an open file."""
+    readers = OpenReaders(idle=0.05)
+    source = Source(tmp_path)
+    with readers.reader(source.reader) as reader:
+        reader.file(0)
+    await asyncio.sleep(0.3)
+    assert reader.opened(0) is None
     readers.close()
 
 

@@ -11,6 +11,7 @@ failed verification never reads through its predecessor's files.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections import OrderedDict
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from fleetp2p.store import SegmentReader
 
-IDLE = 10.0     # seconds unused after which a reader's files are closed (at the next answer)
+IDLE = 10.0     # seconds unused after which a reader's files are closed
 MAX_OPEN = 32   # readers kept at most (beyond those in use)
 
 
@@ -32,9 +33,11 @@ class _Entry:
 
 
 class OpenReaders:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, idle: float = IDLE, clock: Callable[[], float] = time.monotonic) -> None:
+        self._idle = idle
         self._clock = clock
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._sweep: asyncio.TimerHandle | None = None
 
     @contextlib.contextmanager
     def reader(self, opener: Callable[[], SegmentReader]) -> Iterator[SegmentReader]:
@@ -52,15 +55,31 @@ class OpenReaders:
         finally:
             entry.users -= 1
             entry.used = self._clock()
+            self._sweep_later()
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for entry in self._entries.values():
             entry.reader.close()
         self._entries.clear()
 
+    def _sweep_later(self) -> None:
+        """Idle readers are closed even if no answer follows: an open file of a
+        blob that GC removed keeps its disk space in use."""
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self._idle, self._swept)
+
+    def _swept(self) -> None:
+        self._sweep = None
+        self._close_stale()
+        if self._entries:
+            self._sweep_later()
+
     def _close_stale(self) -> None:
         now = self._clock()
         for key, entry in list(self._entries.items()):
-            if entry.users == 0 and (len(self._entries) > MAX_OPEN or now - entry.used > IDLE):
+            if entry.users == 0 and (len(self._entries) > MAX_OPEN or now - entry.used > self._idle):
                 del self._entries[key]
                 entry.reader.close()

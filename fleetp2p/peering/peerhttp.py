@@ -19,8 +19,8 @@ import random
 import termios
 import time
 from collections.abc import Callable
-from typing import BinaryIO
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import aiohttp
 from aiohttp import web
@@ -59,6 +59,7 @@ BULK_SLOTS = 8
 URGENT_SLOTS = 4
 LEFT_POLL = 0.005         # seconds between looks at a socket's send queue
 LEFT_SLACK = 16 * 1024    # unacknowledged bytes that count as "left"
+
 
 @dataclass(frozen=True)
 class Handout:
