@@ -1,7 +1,7 @@
 import pytest
 
 from fleetp2p.errors import RangeInvalid
-from fleetp2p.registry.ranges import parse_range
+from fleetp2p.registry.ranges import parse_content_range, parse_range
 
 
 @pytest.mark.parametrize("header,expected", [
@@ -32,3 +32,16 @@ def test_unsatisfiable(header):
 def test_empty_blob_has_no_satisfiable_range():
     with pytest.raises(RangeInvalid):
         parse_range("bytes=0-", 0)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("bytes 0-99/1000", (0, 99, 1000)),
+    ("bytes 5-5/*", (5, 5, None)),
+    ("bytes 9-3/100", None),       # last before first
+    ("bytes 0-99", None),          # no total
+    ("items 0-99/1000", None),
+    ("", None),
+    (None, None),
+])
+def test_parse_content_range(value, expected):
+    assert parse_content_range(value) == expected

@@ -33,7 +33,7 @@ from fleetp2p.peering.handouts import Handouts, Span
 from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.openreaders import OpenReaders
 from fleetp2p.peering.timed import timed
-from fleetp2p.registry.ranges import parse_range
+from fleetp2p.registry.ranges import parse_content_range, parse_range
 from fleetp2p.registry.sendfile import send_file_range
 from fleetp2p.store import BlobStore, SegmentReader
 from tracker.client import TrackerClient
@@ -219,9 +219,9 @@ class PeerReader:
         status, content_range, data = answer
         if status == 204:
             return Handout(None)
-        bounds = _content_range(content_range) if status == 206 else None
-        piece = span.piece_at(*bounds) if bounds is not None else None
-        if piece is None or len(data) != bounds[1] - bounds[0]:
+        bounds = parse_content_range(content_range) if status == 206 else None
+        piece = span.piece_at(bounds[0], bounds[1] + 1) if bounds is not None else None
+        if piece is None or len(data) != bounds[1] + 1 - bounds[0]:
             log.debug("peer http %s handout of %d-%d: HTTP %d, %s, %d bytes", base, span.start,
                       span.end, status, content_range, len(data))
             return None
@@ -393,15 +393,6 @@ def peer_app(lookup: Lookup, metrics: Metrics, token: str | None) -> web.Applica
     app.router.add_get("/peer/v1/blobs/{digest}/handout", handle_handout)
     app.on_cleanup.append(close_readers)
     return app
-
-
-def _content_range(value: str) -> tuple[int, int] | None:
-    """[start, end) of a `bytes FIRST-LAST/SIZE` header."""
-    unit, _, rest = value.partition(" ")
-    first, _, last = rest.partition("/")[0].partition("-")
-    if unit != "bytes" or not first.isdigit() or not last.isdigit() or int(last) < int(first):
-        return None
-    return int(first), int(last) + 1
 
 
 async def _left(transport: asyncio.WriteTransport | None, limit: float = PEER_TIMEOUT) -> bool:

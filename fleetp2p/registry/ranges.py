@@ -14,6 +14,17 @@ from fleetp2p.errors import RangeInvalid
 
 MAX_RANGES = 4096
 _SPEC_RE = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """(first, last, total) of a reply's `Content-Range: bytes FIRST-LAST/TOTAL`
+    (last inclusive, total None for `*`), or None if it is not one."""
+    match = _CONTENT_RANGE_RE.match(value or "")
+    if match is None or int(match.group(2)) < int(match.group(1)):
+        return None
+    total = match.group(3)
+    return int(match.group(1)), int(match.group(2)), None if total == "*" else int(total)
 
 
 def parse_range(header: str | None, size: int) -> list[tuple[int, int]] | None:

@@ -12,7 +12,6 @@ import asyncio
 import hashlib
 import logging
 import random
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -25,6 +24,7 @@ from fleetp2p.config import Config, Registry
 from fleetp2p.errors import UpstreamError
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest, is_digest
+from fleetp2p.registry.ranges import parse_content_range
 from fleetp2p.upstream.auth import TokenCache, basic_header, fetch_token, parse_challenge
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 5
 MAX_RETRY_AFTER = 30.0
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-
 @dataclass(frozen=True)
 class UpstreamManifest:
     content: bytes
@@ -285,13 +282,13 @@ class UpstreamBlob:
         """Validate status and lengths; returns how many leading bytes to discard."""
         length = resp.content_length
         if resp.status == 206:
-            match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
-            if not match or int(match.group(1)) != self.position:
+            content_range = parse_content_range(resp.headers.get("Content-Range"))
+            if content_range is None or content_range[0] != self.position:
                 raise self.client._invalid("blob", f"206 with Content-Range "
                                            f"{resp.headers.get('Content-Range')!r} for a request at {self.position}")
-            total = int(match.group(3)) if match.group(3) != "*" else -1
-            last = int(match.group(2))
-            expected_length = last - int(match.group(1)) + 1
+            first, last, known_total = content_range
+            total = -1 if known_total is None else known_total
+            expected_length = last - first + 1
             wanted_last = (self._end if self._end is not None else total) - 1
             if total < 0 or (length is not None and length != expected_length) or last != wanted_last:
                 raise self.client._invalid("blob", "206 reply does not cover the requested range")
