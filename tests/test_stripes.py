@@ -22,7 +22,7 @@ from fleetp2p.fetch.download import Download
 from fleetp2p.fetch.stripes import Slots, scarce
 from fleetp2p.metrics import HEDGE_WINNERS, Metrics
 from fleetp2p.oci.reference import Digest
-from fleetp2p.peering.handouts import ROUND_TTL, Handouts, Span, bitfield, has_bit
+from fleetp2p.peering.handouts import ROUND_QUIET, ROUND_TTL, Handouts, Span, bitfield, has_bit
 from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.openreaders import IDLE, OpenReaders
 from fleetp2p.peering.peerhttp import PeerReader, _left, peer_app
@@ -65,13 +65,21 @@ def test_a_piece_given_back_goes_to_the_next_reader_and_rounds_expire():
     handouts = Handouts(clock=lambda: now[0])
     span = Span(0, 4 * PIECE, PIECE)
     nothing = bitfield(4, lambda p: False)
-    assert [handouts.take(DIGEST, span, nothing, lambda lo, hi: True) for _ in range(4)] == [0, 1, 2, 3]
+
+    def take() -> int | None:
+        return handouts.take(DIGEST, span, nothing, lambda lo, hi: True)
+    assert [take() for _ in range(3)] == [0, 1, 2]
+    now[0] += ROUND_TTL - 1                    # unfinished: readers busy elsewhere, it waits
+    assert take() == 3
     handouts.give_back(DIGEST, span, 1)
-    assert handouts.take(DIGEST, span, nothing, lambda lo, hi: True) == 1
-    now[0] += ROUND_TTL - 1
-    assert handouts.take(DIGEST, span, nothing, lambda lo, hi: True) is None
-    now[0] += ROUND_TTL                                  # a quiet spell: a later wave starts over
-    assert handouts.take(DIGEST, span, nothing, lambda lo, hi: True) == 0
+    now[0] += ROUND_QUIET + 1                  # a piece is back: still unfinished
+    assert take() == 1
+    now[0] += ROUND_QUIET - 1                  # all handed out, and asked again soon: none left
+    assert take() is None
+    now[0] += ROUND_QUIET                      # a quiet spell after the last: a later wave starts over
+    assert take() == 0
+    now[0] += ROUND_TTL
+    assert take() == 0                         # and an unfinished round is forgotten after ROUND_TTL
 
 
 def test_spans_refuse_nonsense_and_find_their_pieces():

@@ -10,8 +10,11 @@ through a share fixed in advance (with shares fixed by hashing, the largest
 of 15 was 1.4 x the smallest on the fleet bench, and for the last 3 s the
 holder sent only to a few nodes, whose uplinks then had to fan it all out).
 
-A round is forgotten after a quiet spell: a later wave of downloaders then
-gets every piece again.
+A round is forgotten once nobody has asked for a while: 2 s after every
+piece was handed out (the downloaders of that wave stop asking at their
+first "none left", so a later wave, even one that starts right after, is
+served again), 30 s otherwise (a segment's readers may be busy with other
+segments for seconds, and starting over would hand its pieces out twice).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-ROUND_TTL = 30.0     # seconds without a handout after which a round starts over
+ROUND_TTL = 30.0     # seconds without a request after which a round starts over…
+ROUND_QUIET = 2.0    # …or, once every piece was handed out, this many
 MAX_ROUNDS = 1024    # rounds remembered at once (least recently used go first)
 MAX_PIECES = 1 << 16
 
@@ -97,8 +101,10 @@ class Handouts:
         key = (digest, span)
         now = self._clock()
         entry = self._rounds.pop(key, None)
-        handed = entry[0] if entry is not None and now - entry[1] < ROUND_TTL \
-            else bytearray(span.pieces)
+        if entry is not None and now - entry[1] < (ROUND_QUIET if 0 not in entry[0] else ROUND_TTL):
+            handed = entry[0]
+        else:
+            handed = bytearray(span.pieces)
         self._rounds[key] = (handed, now)
         while len(self._rounds) > MAX_ROUNDS:
             self._rounds.popitem(last=False)

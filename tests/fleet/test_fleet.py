@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import pytest
 
+from fleetp2p.peering.handouts import ROUND_QUIET
 from harness.containerd import start_containerd, write_hosts_dir
 from harness.images import build_image
 
@@ -242,6 +243,10 @@ def test_corrupt_peer_never_reaches_a_client(scene: Scene, blob: BlobMaker) -> N
     assert_verified(pull_all([good.host], blob_path(b.repo, b.digest)), b)
     hit = _corrupt_segments(bad.blob_dir(b.digest), piece)
     print(f"corrupted {hit} pieces on {bad.host.name}")
+    # node1 handed every piece to node2: the next wave gets pieces from node1
+    # again only once that round is over (handouts.py), else it would read
+    # from node2 alone and the check would go unexercised.
+    time.sleep(ROUND_QUIET + 0.5)
 
     results = pull_all([a.host for a in rest], blob_path(b.repo, b.digest), timeout=120)
     assert_verified(results, b)
