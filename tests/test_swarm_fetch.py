@@ -10,13 +10,17 @@ import hashlib
 import os
 import socket
 import subprocess
+import time
 
 import aiohttp
 import pytest
 
 from fleetp2p.swarm import SegmentFinished, TorrentFailed
 from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
+from tracker.backend import Timeouts
 from tracker.client import TrackerClient
+from tracker.memory import MemoryBackend
+from tracker.server import create_app
 
 SIZE = 5 * 1024 * 1024 + 4321
 
@@ -100,6 +104,31 @@ async def test_embedded_tracker_takes_its_lease_limit_from_the_config(tmp_path):
         finally:
             await client.close()
     assert [len(g.granted) for g in grants] == [1, 1, 0]
+
+
+async def test_a_refused_claim_is_asked_again_on_news_or_after_a_third_of_the_lease(tmp_path):
+    """Another node holds the only lease (TTL 3 s) and has died: the agent asks
+    the tracker again a third of the TTL later, not on every tick of its loop,
+    and takes the lease once it has expired."""
+    upstream, data, digest = upstream_with_blob(1024 * 1024)  # one segment
+    tracker = create_app(MemoryBackend(Timeouts(lease=3.0)), None)
+    async with running(tracker) as tracker_server, running(upstream.app()) as up:
+        url = f"http://127.0.0.1:{tracker_server.port}"
+        client = TrackerClient(url)
+        try:
+            await client.register(digest, len(data), segment_size=1024 * 1024, piece_size=64 * 1024)
+            assert (await client.claim(digest, "gone")).granted == [0]  # never renewed
+        finally:
+            await client.close()
+        async with agent_for(up, tmp_path / "a", **swarm_settings(url)) as (agent, front):
+            started = time.monotonic()
+            assert await pull(front, digest) == data
+            waited = time.monotonic() - started
+            claims = agent.metrics.registry.get_sample_value(
+                "fleetp2p_tracker_request_seconds_count", {"op": "claim"})
+    assert waited > 2.0                       # the lease was the dead node's until it expired
+    assert claims <= 5, f"{claims} claims in {waited:.1f} s"  # every tick (0.5 s) would be 6+
+    assert value(agent, agent.metrics.segments, "upstream") == 1
 
 
 async def test_tracker_down_goes_straight_to_upstream(tmp_path):
