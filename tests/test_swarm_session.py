@@ -113,3 +113,19 @@ async def test_pieces_given_while_libtorrent_checks_the_file_are_kept(tmp_path, 
         swarm.add_piece(key, piece, data[piece * PIECE:(piece + 1) * PIECE])
     await asyncio.wait_for(done.wait(), 10)
     assert (tmp_path / "dst" / "0").read_bytes() == data
+
+
+async def test_a_closed_swarm_ignores_holds_and_limits_due_later(tmp_path):
+    """A hold lifted by a timer after the agent closed its swarm (shutdown
+    right after a publish) raised "invalid torrent handle" in that callback."""
+    swarm = Swarm("127.0.0.1:0", Metrics())
+    await swarm.start()
+    data = os.urandom(3 * PIECE)
+    key = ("sha256:y", 0)
+    swarm.add_segment(key, segment_with_metainfo(tmp_path, 0, data), tmp_path, seed=True)
+    swarm.hold_uploads([key], 1)
+    await swarm.close()
+    swarm.hold_uploads([key], 0)
+    swarm.limit("sha256:y", 0)
+    swarm.disconnect(key)
+    assert swarm.peer_count(key) == 0

@@ -103,6 +103,10 @@ class Swarm:
         if self._session is None:
             return
         session, self._session = self._session, None
+        # Its handles die with it: a timer due later (a lifted upload hold, see
+        # CooperativeFetch._send_first_copies) must find no torrent, not a dead handle.
+        self._handles.clear()
+        self._keys.clear()
         assert self._loop is not None and self._pipe is not None
         self._loop.remove_reader(self._pipe[0])
         for fut in self._reads.values():
