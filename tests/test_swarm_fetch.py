@@ -114,13 +114,14 @@ async def test_a_refused_claim_is_asked_again_on_news_or_after_a_third_of_the_le
     tracker = create_app(MemoryBackend(Timeouts(lease=3.0)), None)
     async with running(tracker) as tracker_server, running(upstream.app()) as up:
         url = f"http://127.0.0.1:{tracker_server.port}"
-        client = TrackerClient(url)
-        try:
-            await client.register(digest, len(data), segment_size=1024 * 1024, piece_size=64 * 1024)
-            assert (await client.claim(digest, "gone")).granted == [0]  # never renewed
-        finally:
-            await client.close()
         async with agent_for(up, tmp_path / "a", **swarm_settings(url)) as (agent, front):
+            client = TrackerClient(url)
+            try:
+                await client.register(digest, len(data), segment_size=1024 * 1024,
+                                      piece_size=64 * 1024)
+                assert (await client.claim(digest, "gone")).granted == [0]  # never renewed
+            finally:
+                await client.close()
             started = time.monotonic()
             assert await pull(front, digest) == data
             waited = time.monotonic() - started
