@@ -524,3 +524,28 @@ async def test_a_hedged_read_takes_the_first_complete_answer(caplog, tmp_path: P
         await reader.close()
         for server in (holder, other, lacking):
             await server.close()
+
+
+def holding_short(tmp_path: Path, data: bytes, size: int):
+    """A lookup that claims `size` bytes while the file on disk has only `data`
+    (a file truncated under the holder)."""
+    directory = Path(tempfile.mkdtemp(dir=tmp_path))
+    segment_path(directory, 0).write_bytes(data)
+    return lambda digest, start, end: (lambda: SegmentReader(directory, Geometry(size, size, size)),
+                                       size)
+
+
+async def test_a_holder_whose_file_falls_short_aborts_instead_of_stalling_the_reader(tmp_path: Path):
+    """sendfile stops quietly at the end of a file: the holder must notice the
+    missing bytes and drop the connection, so the reader fails at once rather
+    than waiting out its read timeout on a body that never completes."""
+    holder = await _peer(holding_short(tmp_path, b"s" * 400, 1000))
+    reader = PeerReader(CountingTracker(f"http://127.0.0.1:{holder.port}"), "me", None,  # type: ignore[arg-type]
+                        Metrics(), None)
+    try:
+        started = time.monotonic()
+        assert await reader.read(Digest.parse(DIGEST), 0, 1000, segment=0) is None
+        assert time.monotonic() - started < 1.0
+    finally:
+        await reader.close()
+        await holder.close()

@@ -80,13 +80,13 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
             await response.write(trailer)
         await response.write_eof()
         return True
-    except DownloadFailed as e:
+    except ConnectionError as e:
+        log.debug("client went away during %s: %s", request.path, e)
+        return False
+    except (DownloadFailed, OSError) as e:  # a download that failed, a file that fell short
         log.warning("aborting response for %s: %s", request.path, e)
         if request.transport is not None:
             request.transport.abort()
-        return False
-    except ConnectionError as e:
-        log.debug("client went away during %s: %s", request.path, e)
         return False
     finally:
         reader.close()
