@@ -67,12 +67,12 @@ class Slots:
     On the 16-node bench (8 segments, 2 slots), the stripe reads of six of
     the eight segments began within 0.5 s; segment 0's ended at 13 s,
     segment 7's at 26 s (with shares fixed in advance). A strict queue (2
-    readers per blob, always taking the lowest piece) made the segments complete in order: clients had a
-    quarter of the blob after about 10 s instead of 14-19 s. But the last
-    copy arrived later: 30.8-32.5 s in 4 runs, against 28.9-31.4 s in 9 runs
-    with the loose order on the same day. So the loose order stays. Why was
-    not measured; perhaps the downloaders' exchange keeps more connections
-    busy when many segments are in play."""
+    readers per blob, always taking the lowest piece) made the segments
+    complete in order: clients had a quarter of the blob after about 10 s
+    instead of 14-19 s. But the last copy arrived later: 30.8-32.5 s in 4
+    runs, against 28.9-31.4 s in 9 runs with the loose order on the same day.
+    So the loose order stays. Why was not measured; perhaps the downloaders'
+    exchange keeps more connections busy when many segments are in play."""
 
     def __init__(self, count: int) -> None:
         self._free = count
@@ -152,7 +152,8 @@ class Stripes:
         for taken in itertools.count():
             await self._holds.wait_free()
             holders = frozenset(await self.reader.holders(self.download.digest, index))
-            async with self._reads.setdefault(holders, Slots(CONCURRENT_READS)).slot(first + taken):
+            reads = self._reads.get(holders) or self._reads.setdefault(holders, Slots(CONCURRENT_READS))
+            async with reads.slot(first + taken):
                 has = [self.download.has_piece(first + p) for p in range(span.pieces)]
                 if all(has):
                     return

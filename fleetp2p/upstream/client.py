@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_REDIRECTS = 5
 MAX_RETRY_AFTER = 30.0
+
+
 @dataclass(frozen=True)
 class UpstreamManifest:
     content: bytes
