@@ -18,7 +18,8 @@ Data model
   from upstream (Range requests), so upstream serves about one copy of the
   blob and the cold download runs in parallel. Leases are short (15 s,
   renewed while the fetch progresses) so a dead fetcher's segment passes to
-  the next claimer.
+  the next claimer; a refused claim says when the soonest lease of another
+  node ends, so the claimer asks again then rather than polling.
 * **Nodes** announce their BitTorrent endpoint, HTTP endpoint, topology
   labels and which segments (or "all") of which blobs they hold; they stay
   live for a TTL (30 s) and re-announce. Peer queries return a random sample

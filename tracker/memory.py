@@ -119,7 +119,10 @@ class MemoryBackend:
             self._node_leases.setdefault(node, set()).add(digest)
         taken = set(granted)
         holders = {i: n for i, (n, exp) in blob.leases.items() if exp > now and i not in taken}
-        return LeaseGrant(digest, granted, ttl, record.version, renewed, reclaimed, holders)
+        ends = [exp - now for i, (n, exp) in blob.leases.items()
+                if n != node and exp > now and i not in record.segments]
+        return LeaseGrant(digest, granted, ttl, record.version, renewed, reclaimed, holders,
+                          min(ends, default=None))
 
     async def renew(self, digest: str, node: str, segments: Sequence[int]) -> LeaseRenewal:
         blob = self._require(digest)

@@ -191,7 +191,10 @@ class LeaseGrant:
     granted: segments the caller now holds leases on (fetch these upstream);
     renewed: the subset it already held (a retried claim is harmless);
     reclaimed: the subset taken over from a holder whose lease had expired;
-    holders: every other unpublished segment under a live lease → holder node.
+    holders: every other unpublished segment under a live lease → holder node;
+    expires_in: seconds until the soonest of other nodes' live leases ends (None
+      when they hold none). A refused claimer asks again then: a holder that died
+      is replaced the moment its lease lapses, and a live one will have renewed.
     """
 
     digest: str
@@ -201,17 +204,20 @@ class LeaseGrant:
     renewed: list[int] = field(default_factory=list)
     reclaimed: list[int] = field(default_factory=list)
     holders: dict[int, str] = field(default_factory=dict)
+    expires_in: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {"digest": self.digest, "granted": self.granted, "ttl": self.ttl,
                 "version": self.version, "renewed": self.renewed, "reclaimed": self.reclaimed,
-                "holders": [[i, n] for i, n in sorted(self.holders.items())]}
+                "holders": [[i, n] for i, n in sorted(self.holders.items())],
+                "expires_in": self.expires_in}
 
     @classmethod
     def from_wire(cls, d: Mapping[str, Any]) -> "LeaseGrant":
         return cls(str(d["digest"]), list(d["granted"]), float(d["ttl"]), int(d["version"]),
                    list(d.get("renewed") or ()), list(d.get("reclaimed") or ()),
-                   {int(i): str(n) for i, n in d.get("holders") or ()})
+                   {int(i): str(n) for i, n in d.get("holders") or ()},
+                   None if d.get("expires_in") is None else float(d["expires_in"]))
 
 
 @dataclass

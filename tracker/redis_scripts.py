@@ -90,7 +90,8 @@ return flat
 
 # ARGV: P, digest, node, lease_ttl_ms, count, blob_ttl_ms, want ("*" or "3,1,2" in priority order),
 #       lease limit per blob (0 = none)
-# -> false | {-1, i, n} | {1, granted, renewed, reclaimed, {{i, holder}...}, version}
+# -> false | {-1, i, n} | {1, granted, renewed, reclaimed, {{i, holder}...}, version,
+#     ms until the soonest of other nodes' live leases ends (-1: none)}
 CLAIM = _PRELUDE + r"""
 local digest, node = ARGV[2], ARGV[3]
 local ttl, count, blob_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -118,10 +119,13 @@ for _, i in ipairs(want) do
     granted[#granted + 1] = i; renewed[#renewed + 1] = i; mine[i] = true
   end
 end
-local limit, others = tonumber(ARGV[8]), 0
+local limit, others, soonest = tonumber(ARGV[8]), 0, -1
 for i, v in pairs(lease) do
   local holder, exp = split_lease(v)
-  if holder ~= node and exp > now and not published(i) then others = others + 1 end
+  if holder ~= node and exp > now and not published(i) then
+    others = others + 1
+    if soonest < 0 or exp - now < soonest then soonest = exp - now end
+  end
 end
 for _, i in ipairs(want) do
   if #granted >= count or (limit > 0 and others + #granted >= limit) then break end
@@ -153,7 +157,7 @@ if #granted > 0 then
   redis.call('PEXPIRE', lkey, num(blob_ttl))
 end
 touch(blob, digest, blob_ttl, now)
-return {1, granted, renewed, reclaimed, holders, tonumber(redis.call('HGET', blob, 'ver'))}
+return {1, granted, renewed, reclaimed, holders, tonumber(redis.call('HGET', blob, 'ver')), soonest}
 """
 
 # ARGV: P, digest, node, lease_ttl_ms, segments "1,2"  -> false | {-1,i,n} | {1, renewed, lost}

@@ -197,9 +197,10 @@ class RedisBackend:
         r = await self._run("CLAIM", digest, node, _ms(self.timeouts.lease), count,
                             _ms(self.timeouts.blob), want, self.timeouts.lease_limit)
         self._check(r, digest)
-        _, granted, renewed, reclaimed, holders, version = r
+        _, granted, renewed, reclaimed, holders, version, soonest_ms = r
         return LeaseGrant(digest, list(granted), self.timeouts.lease, int(version), list(renewed),
-                          list(reclaimed), {int(i): h.decode() for i, h in holders})
+                          list(reclaimed), {int(i): h.decode() for i, h in holders},
+                          None if soonest_ms < 0 else soonest_ms / 1000)
 
     @_translated
     async def renew(self, digest: str, node: str, segments: Sequence[int]) -> LeaseRenewal:

@@ -83,6 +83,23 @@ async def test_lease_limit_per_blob(make_backend):
     assert (await b.claim(d, "f", count=5)).granted == [1, 2]
 
 
+async def test_a_refused_claim_says_when_the_soonest_other_lease_ends(make_backend):
+    b = await make_backend(Timeouts(lease=2.0, announce=0.6, blob=3600.0, lease_limit=2))
+    d = dg("ends")
+    await b.register(d, 4 * SEG)
+    first = await b.claim(d, "a")
+    assert first.granted == [0] and first.expires_in is None     # nobody else holds one
+    await asyncio.sleep(0.5)
+    second = await b.claim(d, "c")
+    assert second.granted == [1] and 1.2 < second.expires_in <= 1.5   # a's lease, half a second on
+    refused = await b.claim(d, "e")                               # the limit: 2 leases out
+    assert refused.granted == [] and refused.expires_in == pytest.approx(second.expires_in, abs=0.2)
+    assert (await b.claim(d, "a")).expires_in > 1.7               # its own lease is not counted
+    await b.publish(d, 0, "a", META[0])
+    await b.publish(d, 1, "c", META[1])
+    assert (await b.claim(d, "e")).expires_in is None             # published leases end nothing
+
+
 async def test_claim_wanted_segments_in_order(make_backend):
     b = await make_backend()
     d = dg("want")

@@ -64,6 +64,8 @@ def test_wire_round_trips():
     assert rec.missing() == [0, 2] and not rec.complete and rec.segment_span(2) == (128 * MiB, 130 * MiB)
     grant = LeaseGrant(rec.digest, [0], 15.0, 3, [], [0], {2: "other"})
     assert LeaseGrant.from_wire(grant.to_wire()) == grant
+    timed = LeaseGrant(rec.digest, [], 15.0, 3, holders={2: "other"}, expires_in=4.25)
+    assert LeaseGrant.from_wire(timed.to_wire()) == timed
     peer = Peer("n", "10.0.0.2", 6881, None, {"zone": "a"}, False, (0, 2))
     assert Peer.from_wire(peer.to_wire()) == peer and peer.has(2) and not peer.has(1)
     assert AnnounceReply.from_wire(AnnounceReply(30, 15, True).to_wire()).resync
