@@ -15,11 +15,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 from .ports import LOOPBACK, free_port, wait_http
 from .process import ManagedProcess, run
 from .tokenserver import TokenServer
+
+if TYPE_CHECKING:
+    from .regclient import RegistryClient
 
 AuthMode = Literal["anonymous", "basic", "token"]
 

@@ -9,7 +9,7 @@ import uuid
 import redis.asyncio as aioredis
 
 from tracker.backend import Timeouts
-from tracker.models import DEFAULT_SEGMENT_SIZE as SEG, MiB
+from tracker.models import DEFAULT_SEGMENT_SIZE as SEG
 from tracker.redisbackend import RedisBackend
 
 
