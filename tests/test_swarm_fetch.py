@@ -15,11 +15,13 @@ import time
 import aiohttp
 import pytest
 
+from fleetp2p.fetch.cooperative import LEASE_GRACE, refusal_wait
 from fleetp2p.swarm import SegmentFinished, TorrentFailed
 from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
 from tracker.backend import Timeouts
 from tracker.client import TrackerClient
 from tracker.memory import MemoryBackend
+from tracker.models import LeaseGrant
 from tracker.server import create_app
 
 SIZE = 5 * 1024 * 1024 + 4321
@@ -131,6 +133,16 @@ async def test_a_dead_holders_lease_is_taken_over_when_it_ends_not_claimed_on_ev
     assert 0 < late < 1.5, f"served {late:.1f} s after the lease lapsed"  # a TTL/3 wait: up to 2.5
     assert claims <= 3, f"{claims} claims"  # refused, then taken (a third of the TTL: 4, a tick: 12)
     assert value(agent, agent.metrics.segments, "upstream") == 1
+
+
+def test_a_refused_claimer_waits_for_the_end_the_tracker_gave_within_one_ttl():
+    def wait(expires_in: float | None) -> float:
+        return refusal_wait(LeaseGrant("sha256:" + "0" * 64, [], 15.0, 1, holders={0: "n"},
+                                       expires_in=expires_in))
+    assert wait(None) == 5.0                               # an older tracker: a third of the TTL
+    assert wait(9.5) == pytest.approx(9.5 + LEASE_GRACE)
+    assert wait(-3.0) == pytest.approx(LEASE_GRACE)          # nonsense is held to [0, TTL]
+    assert wait(600.0) == pytest.approx(15.0 + LEASE_GRACE)
 
 
 async def test_tracker_down_goes_straight_to_upstream(tmp_path):

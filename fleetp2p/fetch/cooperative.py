@@ -100,10 +100,11 @@ def refusal_wait(grant: LeaseGrant) -> float:
     comes first): until the soonest of the other nodes' leases ends. By then a
     live holder has renewed it (they renew every third of the TTL) and a dead
     one's lapsed, so it is taken over at once rather than up to a third of the
-    TTL later. A tracker that gives no end is asked again after a third of the TTL."""
+    TTL later. A tracker that gives no end is asked again after a third of the
+    TTL; one that gives an end out of [0, TTL] is held to that range."""
     if grant.expires_in is None:
         return grant.ttl / 3
-    return min(grant.expires_in, grant.ttl) + LEASE_GRACE
+    return min(max(grant.expires_in, 0.0), grant.ttl) + LEASE_GRACE
 
 
 class CooperativeFetch:
