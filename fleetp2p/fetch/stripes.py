@@ -152,7 +152,9 @@ class Stripes:
         for taken in itertools.count():
             await self._holds.wait_free()
             holders = frozenset(await self.reader.holders(self.download.digest, index))
-            reads = self._reads.get(holders) or self._reads.setdefault(holders, Slots(CONCURRENT_READS))
+            reads = self._reads.get(holders)
+            if reads is None:  # a holder set not seen before (not a new Slots per piece)
+                reads = self._reads[holders] = Slots(CONCURRENT_READS)
             async with reads.slot(first + taken):
                 has = [self.download.has_piece(first + p) for p in range(span.pieces)]
                 if all(has):
