@@ -52,7 +52,7 @@ class Agent:
         self.lazy = LazyReads(config.data_dir, self.manifests.lazy_layers, self.upstream, self.metrics,
                               prefetch=config.lazy_prefetch)
         self.front = RegistryFront(self.manifests, self.blobs, self.metrics, config.default_registry,
-                                   self.lazy)
+                                   self.lazy, config.registry_in_path)
         self.peer_reader: PeerReader | None = None
         self._peer_site: web.AppRunner | None = None
         self.swarm: Swarm | None = None

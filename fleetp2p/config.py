@@ -71,6 +71,11 @@ class Config:
     default_registry: str = key(
         "", "registry used for requests without ?ns= (skopeo, podman); default: the first "
         "[[registries]] entry, else docker.io")
+    registry_in_path: bool = key(
+        True, "without ?ns=, a repository whose first component is a host (a dot, a port or "
+        "localhost: /v2/ghcr.io/owner/app/...) is fetched from that registry, so registries.conf "
+        "can mirror several registries (location = \"127.0.0.1:5050/ghcr.io\"); false: it is a "
+        "repository of default_registry")
     tag_ttl: float = key(60.0, "seconds a tag → digest answer is trusted before asking upstream again")
     store_max_size: str = key("80%", "store size limit: bytes with a unit (50GiB) or a percentage "
                               "of the data_dir filesystem")

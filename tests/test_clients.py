@@ -16,11 +16,11 @@ from typing import Callable
 
 import pytest
 
-from harness.agent import Agent, metric_sum
+from harness.agent import Agent, UpstreamEntry, metric_sum
 from harness.containerd import Containerd, start_containerd
 from harness.images import Layout, Pushed
 from harness.registry import Registry
-from harness.skopeo import Podman, skopeo_copy_to_oci
+from harness.skopeo import Podman, skopeo_copy_to_oci, write_mirrors_conf
 
 SERVED = "fleetp2p_served_bytes_total"
 REQUESTS = "fleetp2p_requests_total"
@@ -257,6 +257,35 @@ def test_skopeo_copy_through_mirror(request: pytest.FixtureRequest, registry_nam
     assert reg.access_log.blob_bytes(mark) == 0
     up2, local2 = served(agent)
     assert up2 == up1 and local2 - local1 == small_image.image.blob_bytes
+
+
+def test_skopeo_reaches_several_registries_named_in_the_mirror_path(
+        agent_factory: Callable[..., Agent], registry_anon: Registry, registry_token: Registry,
+        small_image: Layout, multiplatform_image: Layout, pushed: Callable[..., Pushed],
+        tmp_path: Path) -> None:
+    """registries.conf mirror locations `<agent>/<registry>`: one agent mirrors two
+    registries for skopeo, neither of them its default (which does not exist). The
+    registries get dotted names in [[registries]]: registries.conf allows no port in
+    a mirror's path."""
+    pulls = {"anon.registry.test": (registry_anon, small_image),
+             "token.registry.test": (registry_token, multiplatform_image)}
+    agent = agent_factory(*(UpstreamEntry(name, reg.url, reg.username, reg.password)
+                            for name, (reg, _) in pulls.items()),
+                          default="default.registry.test")
+    conf = write_mirrors_conf(tmp_path / "registries.conf",
+                              {name: f"{agent.host}/{name}" for name in pulls})
+    total = 0
+    for name, (reg, layout) in pulls.items():
+        p = pushed(reg, layout, "team/app")
+        want = {b.digest: b.size for b in layout.all_blobs()}
+        mark = reg.access_log.mark()
+        dest = tmp_path / name
+        skopeo_copy_to_oci(f"{name}/{p.repo}:{p.tag}", dest, registries_conf=conf, all_platforms=True)
+        assert json.loads((dest / "index.json").read_text())["manifests"][0]["digest"] == p.digest
+        assert_fetched_once(reg, mark, want, "skopeo")
+        total += sum(want.values())
+    up, local = served(agent)
+    assert up + local == total
 
 
 def test_skopeo_copy_all_platforms(agent: Agent, registry_anon: Registry, multiplatform_image: Layout,

@@ -258,6 +258,8 @@ def _common_vars(wheel: Path, venv: Path, tracker_url: str, token: str, restart_
         "fleetp2p_agent_venv": str(venv), "fleetp2p_agent_pip_extra_args": "--no-compile",
         "fleetp2p_agent_store_max_size": "1GiB",
         "fleetp2p_agent_log_level": "debug", "fleetp2p_agent_registries_conf": True,
+        "fleetp2p_agent_registries_conf_mirrors": ["{{ fleetp2p_agent_effective_default_registry }}",
+                                                   "ghcr.io"],
         "fleetp2p_agent_tracker": tracker_url, "fleetp2p_agent_tracker_token": token,
         "fleetp2p_agent_containerd_restart_command": str(restart_script),
         "fleetp2p_agent_health_retries": 50, "fleetp2p_agent_health_delay": 0.2,
@@ -371,7 +373,9 @@ def test_rollout_idempotent_gated_and_rolled_back(
         assert restarts.read_text().count("restart") == 2   # agent-1, and agent-2 (no config.toml: written)
         assert tomllib.loads(host.registries_conf.read_text())["registry"] == [
             {"prefix": registry_anon.host, "location": registry_anon.host, "insecure": True,
-             "mirror": [{"location": f"{LOOPBACK}:{host.port}", "insecure": True}]}]
+             "mirror": [{"location": f"{LOOPBACK}:{host.port}", "insecure": True}]},  # a port: bare
+            {"prefix": "ghcr.io", "location": "ghcr.io",
+             "mirror": [{"location": f"{LOOPBACK}:{host.port}/ghcr.io", "insecure": True}]}]
         _check_units(host.prefix / "etc/systemd/system", venv, host)
 
         # Started by plain commands: the tracker (token on), the agent (announced to it).

@@ -50,6 +50,7 @@ async def test_base(front):
     ("/v2/app/manifests/-bad-tag", "MANIFEST_INVALID"),
     ("/v2/app/manifests/" + "t" * 129, "MANIFEST_INVALID"),
     ("/v2/app/blobs/" + DIGEST + "?ns=bad%20host", "NAME_INVALID"),
+    ("/v2/bad_host.example/app/blobs/" + DIGEST, "NAME_INVALID"),
 ])
 async def test_bad_input_is_rejected_before_any_fetch(front, path, code):
     status, headers, body = await request(front, "GET", path)

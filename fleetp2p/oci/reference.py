@@ -62,6 +62,16 @@ def validate_registry(host: str) -> str:
     return host
 
 
+def split_registry(name: str) -> tuple[str | None, str]:
+    """Docker's rule: a first component with a dot or a port, or `localhost`,
+    is a registry host (`ghcr.io/owner/app`), anything else the start of a
+    repository of the default registry (`library/alpine`)."""
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return None, name
+
+
 def is_digest(reference: str) -> bool:
     return ":" in reference
 
@@ -86,11 +96,8 @@ class ImageRef:
 
     @classmethod
     def parse(cls, text: str, default_registry: str = "docker.io") -> "ImageRef":
-        rest = text
-        registry = default_registry
-        first, sep, remainder = text.partition("/")
-        if sep and ("." in first or ":" in first or first == "localhost"):
-            registry, rest = first, remainder
+        host, rest = split_registry(text)
+        registry = default_registry if host is None else host
         if "@" in rest:
             repository, _, reference = rest.partition("@")
             Digest.parse(reference)

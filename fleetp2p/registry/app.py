@@ -31,12 +31,14 @@ READ_METHODS = ("GET", "HEAD")
 
 class RegistryFront:
     def __init__(self, manifests: ManifestService, blobs: BlobFetcher, metrics: Metrics,
-                 default_registry: str, lazy: LazyReads | None = None) -> None:
+                 default_registry: str, lazy: LazyReads | None = None,
+                 registry_in_path: bool = True) -> None:
         self.manifests = manifests
         self.lazy = lazy
         self.blobs = blobs
         self.metrics = metrics
         self.default_registry = default_registry
+        self.registry_in_path = registry_in_path
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/v2", self.handle)
@@ -50,7 +52,7 @@ class RegistryFront:
             if request.method not in READ_METHODS:
                 raise_unsupported(request.method)
             target = parse_target(request.match_info.get("tail", ""), request.query.get("ns"),
-                                  self.default_registry)
+                                  self.default_registry, self.registry_in_path)
             endpoint = target.endpoint
             if target.endpoint == "base":
                 response = web.json_response({}, headers=API_VERSION)

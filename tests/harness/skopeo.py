@@ -25,11 +25,17 @@ SYSTEM_REGISTRIES_CONF = "/etc/containers/registries.conf"
 def write_registries_conf(path: Path, upstream_host: str, mirror_host: str | None,
                           insecure: bool = True) -> Path:
     """One `[[registry]]` for the upstream with the agent as its (plain-http) mirror."""
+    return write_mirrors_conf(path, {upstream_host: mirror_host}, insecure)
+
+
+def write_mirrors_conf(path: Path, mirrors: dict[str, str | None], insecure: bool = True) -> Path:
+    """A `[[registry]]` per upstream host, each with its mirror location (none if None)."""
     flag = "true" if insecure else "false"
-    text = ('unqualified-search-registries = []\n\n'
-            f'[[registry]]\nlocation = "{upstream_host}"\ninsecure = {flag}\n')
-    if mirror_host is not None:
-        text += f'\n[[registry.mirror]]\nlocation = "{mirror_host}"\ninsecure = {flag}\n'
+    text = 'unqualified-search-registries = []\n'
+    for upstream_host, mirror in mirrors.items():
+        text += f'\n[[registry]]\nlocation = "{upstream_host}"\ninsecure = {flag}\n'
+        if mirror is not None:
+            text += f'\n[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = {flag}\n'
     path.write_text(text)
     return path
 
