@@ -181,7 +181,8 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
               bound_s: float, bound_name: str) -> Phase:
     nodes = scene.nodes
     tracker = "none" if name == "baseline" else scene.tracker(lease_ttl=args.lease_ttl,
-                                                                  lease_limit=args.lease_limit).url
+                                                                  lease_limit=args.lease_limit,
+                                                                  log_level="info").url
     settings = {"log_level": "info"}
     for key in ("segment_size", "piece_size"):
         if getattr(args, key) is not None:

@@ -161,7 +161,7 @@ class Tracker:
 
     def __init__(self, host: Host, workdir: Path, port: int = TRACKER_PORT, *,
                  redis: str | None = None, lease_ttl: float = 2.0, token: str | None = None,
-                 lease_limit: int | None = None) -> None:
+                 lease_limit: int | None = None, log_level: str = "debug") -> None:
         self.host = host
         self.workdir = workdir
         self.port = port
@@ -169,6 +169,7 @@ class Tracker:
         self.lease_ttl = lease_ttl
         self.token = token
         self.lease_limit = lease_limit
+        self.log_level = log_level
         self.process: ManagedProcess | None = None
 
     @property
@@ -177,7 +178,7 @@ class Tracker:
 
     def start(self) -> "Tracker":
         argv = fleetp2p_command("tracker", "--listen", f"{self.host.addr}:{self.port}",
-                                "--lease-ttl", str(self.lease_ttl), "--log-level", "debug")
+                                "--lease-ttl", str(self.lease_ttl), "--log-level", self.log_level)
         if self.redis:
             argv += ["--redis", self.redis]
         if self.token:
