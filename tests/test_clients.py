@@ -22,6 +22,8 @@ from harness.images import Layout, Pushed
 from harness.registry import Registry
 from harness.skopeo import Podman, skopeo_copy_to_oci, write_mirrors_conf
 
+from fleetp2p.cli.registriesconf import check_registries_conf
+
 SERVED = "fleetp2p_served_bytes_total"
 REQUESTS = "fleetp2p_requests_total"
 REGISTRIES = ["registry_anon", "registry_basic", "registry_token"]
@@ -286,6 +288,10 @@ def test_skopeo_reaches_several_registries_named_in_the_mirror_path(
         total += sum(want.values())
     up, local = served(agent)
     assert up + local == total
+    # and `fleetp2p doctor` agrees with skopeo about that file
+    assert [(c.name, c.status) for c in check_registries_conf(
+        str(conf), agent.url, "default.registry.test", True)] == [
+        (f"registries.conf {name}", "pass") for name in pulls]
 
 
 def test_skopeo_copy_all_platforms(agent: Agent, registry_anon: Registry, multiplatform_image: Layout,

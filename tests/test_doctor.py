@@ -20,6 +20,8 @@ from harness.process import ManagedProcess
 from harness.registry import Registry
 
 from fleetp2p.cli import checks
+from fleetp2p.cli.checks import Check
+from fleetp2p.cli.registriesconf import check_registries_conf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,3 +245,48 @@ def test_hosts_toml_matching(tmp_path: Path) -> None:
     write_hosts_dir(tmp_path, "quay.io", "https://quay.io", agent_url, capabilities=("resolve",))
     no_pull = checks.check_hosts_toml(str(tmp_path), "quay.io", agent_url)
     assert no_pull.status == checks.FAIL and "pull" in no_pull.detail
+
+
+def test_registries_conf_entries_that_go_to_the_agent(tmp_path: Path) -> None:
+    """Each [[registry]] mirrored through the agent must name its registry in the
+    mirror's path, unless it is the default registry; drop-ins override the file."""
+    agent_url = "http://127.0.0.1:5050"
+    conf = tmp_path / "registries.conf"
+    conf.write_text(
+        '[[registry]]\nprefix = "docker.io"\nlocation = "registry-1.docker.io"\n'
+        '[[registry.mirror]]\nlocation = "127.0.0.1:5050"\ninsecure = true\n'
+        '[[registry]]\nlocation = "ghcr.io"\n'
+        '[[registry.mirror]]\nlocation = "localhost:5050/ghcr.io"\ninsecure = true\n'
+        '[[registry]]\nlocation = "quay.io"\n'
+        '[[registry.mirror]]\nlocation = "127.0.0.1:5050"\ninsecure = true\n'
+        '[[registry]]\nlocation = "gcr.io"\n'
+        '[[registry.mirror]]\nlocation = "127.0.0.1:5050/gcr.io"\n'
+        '[[registry]]\nlocation = "elsewhere.io"\n'
+        '[[registry.mirror]]\nlocation = "mirror.example:5000"\n')
+    (tmp_path / "registries.conf.d").mkdir()
+    (tmp_path / "registries.conf.d" / "50-fix.conf").write_text(
+        '[[registry]]\nlocation = "quay.io"\n'
+        '[[registry.mirror]]\nlocation = "127.0.0.1:5050/ghcr.io"\ninsecure = true\n')
+
+    def by_prefix(default: str = "docker.io", in_path: bool = True) -> dict[str, Check]:
+        found = check_registries_conf(str(conf), agent_url, default, in_path)
+        return {c.name.removeprefix("registries.conf "): c for c in found}
+
+    found = by_prefix()
+    assert set(found) == {"docker.io", "ghcr.io", "quay.io", "gcr.io"}, "elsewhere.io is no mirror of ours"
+    assert found["docker.io"].status == checks.PASS and "default registry" in found["docker.io"].detail
+    assert found["ghcr.io"].status == checks.PASS
+    assert found["quay.io"].status == checks.FAIL and "the entry is for quay.io" in found["quay.io"].detail
+    assert found["quay.io"].fix == 'set the mirror\'s location = "127.0.0.1:5050/quay.io"'
+    assert found["gcr.io"].status == checks.FAIL and "insecure = true" in (found["gcr.io"].fix or "")
+    on_ghcr = by_prefix(default="ghcr.io")["docker.io"]
+    assert on_ghcr.status == checks.FAIL and on_ghcr.fix == \
+        'set the mirror\'s location = "127.0.0.1:5050/registry-1.docker.io"'
+    off = by_prefix(in_path=False)["ghcr.io"]
+    assert off.status == checks.FAIL and "registry_in_path" in off.detail
+
+    (tmp_path / "empty.conf").write_text("")
+    assert check_registries_conf(str(tmp_path / "empty.conf"), agent_url, "docker.io", True)[0].status == checks.FAIL
+    (tmp_path / "broken.conf").write_text("[[registry]\n")
+    broken, = check_registries_conf(str(tmp_path / "broken.conf"), agent_url, "docker.io", True)
+    assert broken.status == checks.FAIL and "TOML" in (broken.fix or "")

@@ -233,7 +233,7 @@ def check_hosts_toml(hosts_dir: str, registry: str, agent_url: str) -> Check:
     except (OSError, tomllib.TOMLDecodeError) as e:
         return fail(name, f"cannot read {path}: {e}", f"fix the TOML syntax of {path}")
     for url, settings in hosts.items():
-        if not _same_endpoint(url, agent_url):
+        if not same_endpoint(url, agent_url):
             continue
         caps = settings.get("capabilities", ["pull", "resolve", "push"]) if isinstance(settings, dict) else []
         if "pull" not in caps:
@@ -248,7 +248,7 @@ def _hosts_dir_name(registry: str) -> str:
     return "docker.io" if registry in ("index.docker.io", "registry-1.docker.io") else registry
 
 
-def _same_endpoint(a: str, b: str) -> bool:
+def same_endpoint(a: str, b: str) -> bool:
     """Same scheme and port, and the same host (any loopback name counts as one)."""
     pa, pb = urlsplit(a if "://" in a else f"https://{a}"), urlsplit(b)
     ha, hb = (pa.hostname or "").lower(), (pb.hostname or "").lower()

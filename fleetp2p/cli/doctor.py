@@ -1,9 +1,10 @@
 """`fleetp2p doctor`: is this machine ready to pull through fleetp2p?
 
-Runs every check in fleetp2p/cli/checks.py in the order an operator would fix
-things (config → disk → agent → swarm → containerd → upstreams → store),
-prints one line per check with the fix for each failure, and exits 0 only if
-nothing failed (skipped checks are not failures).
+Runs every check in fleetp2p/cli/checks.py (and registriesconf.py) in the
+order an operator would fix things (config → disk → agent → swarm →
+containerd → registries.conf → upstreams → store), prints one line per check
+with the fix for each failure, and exits 0 only if nothing failed (skipped
+checks are not failures).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.console import Console
 from fleetp2p.cli import checks
 from fleetp2p.cli.agentclient import DEFAULT_AGENT_URL, run_command
 from fleetp2p.cli.checks import FAIL, PASS, SKIP, Check
+from fleetp2p.cli.registriesconf import DEFAULT_REGISTRIES_CONF, check_registries_conf
 
 _MARKS = {PASS: "[green]PASS[/green]", FAIL: "[bold red]FAIL[/bold red]", SKIP: "[dim]SKIP[/dim]"}
 
@@ -35,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     doctor.add_argument("--hosts-dir", metavar="DIR",
                         help="containerd hosts dir (default: its config_path, else "
                              f"{checks.DEFAULT_HOSTS_DIR})")
+    doctor.add_argument("--registries-conf", metavar="FILE",
+                        help="containers registries.conf of podman, skopeo and CRI-O, with its .d "
+                             f"drop-ins (default {DEFAULT_REGISTRIES_CONF}; checked only if it "
+                             "names the agent)")
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     doctor.set_defaults(func=lambda args: run_command(args, _doctor))
 
@@ -57,6 +63,9 @@ def run_checks(args: argparse.Namespace) -> list[Check]:
     if containerd_check.status != SKIP or args.hosts_dir:
         for name in _registry_names(cfg):
             results.append(checks.check_hosts_toml(hosts_dir, name, agent_url))
+    results += check_registries_conf(args.registries_conf, agent_url,
+                                     getattr(cfg, "default_registry", "docker.io"),
+                                     getattr(cfg, "registry_in_path", True))
     if cfg is not None:
         for registry in (cfg.registries or [cfg.registry(cfg.default_registry)]):
             results.append(checks.check_upstream(registry))
