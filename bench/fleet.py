@@ -53,6 +53,7 @@ from common import (human_bytes, interrupt_on_sigterm, parse_size, print_machine
                     table)
 
 from fleet.netns import MAX_MTU, MIN_MTU, Network, network, rate_bits  # noqa: E402
+from harness.agent import metric_sum  # noqa: E402
 from fleet.pull import QUARTERS, PullResult, blob_path, pull_all  # noqa: E402
 from fleet.scene import Scene  # noqa: E402
 from fleet.services import BlobFile, UpstreamRegistry, write_random_blob  # noqa: E402
@@ -212,6 +213,7 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
     phase = Phase(name, blob.digest, blob.size, results, start_at, bound_s, bound_name, sent, busy,
                   agents_cpu)
     if args.verbose:
+        fleet_bytes(agents)
         for a in agents:
             lines = a.log(400_000).splitlines()
             for kind in ("no progress", "no holder", "peer http", "Traceback", "ERROR"):
@@ -222,6 +224,16 @@ def run_phase(name: str, scene: Scene, blob: BlobFile, args: argparse.Namespace,
                 first = next(i for i, line in enumerate(lines) if "Traceback" in line)
                 print("\n".join(f"    {line}" for line in lines[first - 1:first + 40]))
     return phase
+
+
+def fleet_bytes(agents: Sequence) -> None:
+    """Which paths the blob's bytes took: BitTorrent, or a holder's HTTP answers
+    (first pieces, stripes of a fresh segment), or upstream."""
+    metrics = [a.metrics() for a in agents if a.alive()]
+    mib = lambda name, **labels: sum(metric_sum(m, name, **labels) for m in metrics) / (1 << 20)  # noqa: E731
+    print(f"  fleet received {mib('fleetp2p_fetched_bytes_total', source='peer'):.0f} MiB from peers "
+          f"({mib('fleetp2p_peer_served_bytes_total'):.0f} MiB of them over HTTP) and "
+          f"{mib('fleetp2p_fetched_bytes_total', source='upstream'):.0f} MiB from upstream")
 
 
 def report(phases: Sequence[Phase], args: argparse.Namespace, size: int) -> int:
