@@ -61,12 +61,14 @@ class Download:
             self.written = min(self._next_piece * self.geometry.piece_size, self.size)
             self._wake()
 
-    async def wait_written(self, position: int) -> int:
-        """Bytes [0, n) are on disk (not yet verified), n > position."""
+    async def wait_written(self, position: int, want: int = 1) -> int:
+        """Bytes [0, n) are on disk (not yet verified): n >= position + want, or
+        n > position and the whole blob is."""
         while True:
             if self.error is not None:
                 raise DownloadFailed(str(self.error)) from self.error
-            if self.written > position:
+            if self.written >= position + max(want, 1) or self.written > position and \
+                    self.written >= self.size >= 0:
                 return self.written
             await self._changed()
 
