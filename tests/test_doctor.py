@@ -287,6 +287,11 @@ def test_registries_conf_entries_that_go_to_the_agent(tmp_path: Path) -> None:
 
     (tmp_path / "empty.conf").write_text("")
     assert check_registries_conf(str(tmp_path / "empty.conf"), agent_url, "docker.io", True)[0].status == checks.FAIL
+    missing, = check_registries_conf(str(tmp_path / "nowhere.conf"), agent_url, "docker.io", True)
+    assert missing.status == checks.FAIL and "does not exist" in missing.detail
+    (tmp_path / "odd.conf").write_text('[[registry]]\nlocation = "quay.io"\nmirror = ["127.0.0.1:5050"]\n')
+    odd, = check_registries_conf(str(tmp_path / "odd.conf"), agent_url, "docker.io", True)
+    assert odd.status == checks.FAIL and "points at the agent" in odd.detail
     (tmp_path / "broken.conf").write_text("[[registry]\n")
     broken, = check_registries_conf(str(tmp_path / "broken.conf"), agent_url, "docker.io", True)
     assert broken.status == checks.FAIL and "TOML" in (broken.fix or "")

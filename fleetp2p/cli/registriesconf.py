@@ -43,6 +43,9 @@ def check_registries_conf(path: str | None, agent_url: str, default_registry: st
     the default file does not use the agent (this host has no such clients);
     a failure when a file given explicitly does not."""
     conf = Path(path or DEFAULT_REGISTRIES_CONF)
+    if path is not None and not conf.is_file():
+        return [fail("registries.conf", f"{conf} does not exist",
+                     "pass the registries.conf podman, skopeo or CRI-O read")]
     try:
         tables = load_registries(conf)
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -51,15 +54,16 @@ def check_registries_conf(path: str | None, agent_url: str, default_registry: st
     results = []
     for prefix, table in tables.items():
         for mirror in table.get("mirror") or []:
-            location = str(mirror.get("location", "")) if isinstance(mirror, dict) else ""
-            netloc, _, mirror_path = location.partition("/")
+            if not isinstance(mirror, dict):
+                continue
+            netloc, _, mirror_path = str(mirror.get("location", "")).partition("/")
             scheme = "http" if mirror.get("insecure") else "https"
             if netloc and same_endpoint(f"{scheme}://{netloc}", agent_url):
                 results.append(_check_entry(prefix, table, mirror_path, agent_netloc,
                                             default_registry, registry_in_path))
             elif netloc and same_endpoint(f"http://{netloc}", agent_url):
                 results.append(fail(f"registries.conf {prefix}",
-                                    f"{table['_file']}: the mirror {location} is the agent, over https",
+                                    f"{table['_file']}: the mirror {netloc} is the agent, over https",
                                     f"add insecure = true to that [[registry.mirror]]: the agent "
                                     f"speaks plain HTTP on {agent_netloc}"))
     if not results and path is not None:
