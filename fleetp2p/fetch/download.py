@@ -67,8 +67,8 @@ class Download:
         while True:
             if self.error is not None:
                 raise DownloadFailed(str(self.error)) from self.error
-            if self.written >= position + max(want, 1) or self.written > position and \
-                    self.written >= self.size >= 0:
+            whole = self.written >= self.size >= 0
+            if self.written >= position + max(want, 1) or (whole and self.written > position):
                 return self.written
             await self._changed()
 
