@@ -7,9 +7,12 @@ collide and leftovers of an aborted run can be recognised and removed):
     fp-…-<host>    one per host: `lo` up, `eth0` = one end of a veth whose other
                    end (`v<octet>`) is a port of br0; address 10.99.0.<octet>/24
 
-Both ends of every veth get `tc … root tbf rate R burst 64kb latency 50ms`, so
+Both ends of every veth get `tc … root tbf rate R burst B latency 50ms`, so
 a host's link is shaped in both directions (a host's egress on eth0, its
-ingress as the bridge port's egress). Links have MTU 1500 unless the network
+ingress as the bridge port's egress). The bucket B (`tbf_burst`) holds at
+least four 64 KiB TCP segmentation-offload frames and 20 ms of the rate
+(256 KiB at 100 Mbit/s): a smaller one makes the simulated wire lossier and
+slower than a real one, see `tbf_burst`. Links have MTU 1500 unless the network
 is made with another (`Network(mtu=9000)`: jumbo frames, as in many data
 centres; a fleet simulated on one machine then spends far less CPU per byte
 in the kernel, see bench/fleet.py). No address, route or device is ever put
@@ -68,7 +71,9 @@ NAME_PREFIX = "fp"
 # fp-<pid of the run>-<4 hex>-<host or temp suffix>: the pid tells whether the run that
 # made it is gone.
 _OURS = re.compile(rf"^{NAME_PREFIX}-(?P<pid>\d+)-(?P<tag>[0-9a-f]{{4}})-.")
-TBF = ("burst", "64kb", "latency", "50ms")
+TBF_LATENCY = "50ms"
+GSO_FRAME = 64 * 1024  # the largest skb TCP hands a veth with segmentation offload
+TOKEN_SLACK_S = 0.020
 BRIDGE_NF = ("iptables", "ip6tables", "arptables")
 DEFAULT_MTU = 1500
 MIN_MTU, MAX_MTU = 1280, 9000
@@ -84,6 +89,30 @@ def rate_bits(rate: str) -> float:
     if not m:
         raise ValueError(f"rate {rate!r}: expected e.g. 100mbit or 1gbit")
     return float(m.group("n")) * _RATE_UNITS[m.group("unit")]
+
+
+def tbf_burst(rate: str) -> int:
+    """The tbf bucket in bytes: at least 4 offload frames and 20 ms of `rate`.
+
+    A bucket is also tbf's largest packet. With the 64 KiB once used here, every
+    full 64 KiB frame from TCP (about 67 KiB with the headers of its segments)
+    was over it, so tbf cut it into 45 packets in software and, with its queue
+    full, dropped some of them: a sender's own congestion became losses on the
+    wire, which a real NIC (it queues and sends an offload frame whole) never
+    makes. And tokens beyond the bucket are lost, so on a busy machine whose
+    timers fire a few ms late a 5 ms bucket made the link slower than its rate.
+    On the 16-node fleet bench at 100 Mbit/s, with the 64 KiB bucket one node's
+    egress dropped 9-10 % of its packets, 2-4 % of its segments were
+    retransmitted, 17-26 retransmission timeouts fired, and the warm phase took
+    38-41 s; with 256 KiB 1.3 %, 0.8 %, 5 timeouts and 28.9 s. Bytes over any interval T stay
+    within rate × T + bucket, so the bench's B/L bound still holds (256 KiB
+    is 0.1 % of its blob)."""
+    return max(4 * GSO_FRAME, int(rate_bits(rate) / 8 * TOKEN_SLACK_S))
+
+
+def tbf(rate: str) -> tuple[str, ...]:
+    """`tc qdisc … root` arguments that shape a link to `rate`."""
+    return ("tbf", "rate", rate, "burst", str(tbf_burst(rate)), "latency", TBF_LATENCY)
 
 
 def unavailable(*binaries: str) -> str | None:
@@ -218,9 +247,8 @@ class Host:
     def set_rate(self, rate: str) -> None:
         """Reshape both ends of this host's link."""
         rate_bits(rate)
-        self.run("tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, *TBF)
-        self.network.bridge_run("tc", "qdisc", "replace", "dev", self.bridge_port, "root", "tbf",
-                                "rate", rate, *TBF)
+        self.run("tc", "qdisc", "replace", "dev", "eth0", "root", *tbf(rate))
+        self.network.bridge_run("tc", "qdisc", "replace", "dev", self.bridge_port, "root", *tbf(rate))
         self.rate = rate
 
     def close_executor(self) -> None:
@@ -296,8 +324,8 @@ class Network:
         _ip("-n", host.netns, "link", "set", "eth0", "mtu", str(self.mtu))
         _ip("-n", host.netns, "addr", "add", f"{host.addr}/{PREFIX_LEN}", "dev", "eth0")
         _ip("-n", host.netns, "link", "set", "eth0", "up")
-        host.run("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate, *TBF)
-        self.bridge_run("tc", "qdisc", "add", "dev", host.bridge_port, "root", "tbf", "rate", rate, *TBF)
+        host.run("tc", "qdisc", "add", "dev", "eth0", "root", *tbf(rate))
+        self.bridge_run("tc", "qdisc", "add", "dev", host.bridge_port, "root", *tbf(rate))
         host.run("ethtool", "-K", "eth0", "gro", "on")
         self.bridge_run("ethtool", "-K", host.bridge_port, "gro", "on")
         return host
