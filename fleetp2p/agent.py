@@ -48,7 +48,8 @@ class Agent:
         self.upstream = UpstreamClient(config, self.metrics)
         self.manifests = ManifestService(self.store, self.tags, self.upstream, self.metrics)
         self.blobs = BlobFetcher(self.store, self.upstream, self.metrics, config.geometry,
-                                 swarm_min_size=parse_size(config.swarm_min_size, "swarm_min_size"))
+                                 swarm_min_size=parse_size(config.swarm_min_size, "swarm_min_size"),
+                                 release_page_cache=config.release_page_cache)
         self.lazy = LazyReads(config.data_dir, self.manifests.lazy_layers, self.upstream, self.metrics,
                               prefetch=config.lazy_prefetch)
         self.front = RegistryFront(self.manifests, self.blobs, self.metrics, config.default_registry,

@@ -120,6 +120,9 @@ class Config:
                               "config blobs once)")
     peer_stall_timeout: float = key(10.0, "seconds without progress from peers before a segment's "
                                     "missing pieces are fetched from upstream")
+    release_page_cache: bool = key(True, "a few seconds after a fetched segment is verified and "
+                                   "streamed, write it back and drop it from the page cache "
+                                   "(peers then read it from disk)")
     registries: list[Registry] = key(None, "upstream registries ([[registries]] tables: name, url, "
                                      "username, password, docker_config)", factory=list)
 

@@ -19,10 +19,12 @@ import pytest
 from harness.agent import Agent, UpstreamEntry, metric_sum
 from harness.containerd import Containerd, start_containerd
 from harness.images import Layout, Pushed
+from harness.pagecache import settled_resident
 from harness.registry import Registry
 from harness.skopeo import Podman, skopeo_copy_to_oci, write_mirrors_conf
 
 from fleetp2p.cli.registriesconf import check_registries_conf
+from fleetp2p.store.pagecache import RELEASE_DELAY
 
 SERVED = "fleetp2p_served_bytes_total"
 REQUESTS = "fleetp2p_requests_total"
@@ -170,6 +172,9 @@ def test_containerd_fetches_model_artifact(agent: Agent, containerd: Containerd,
     assert_fetched_once(registry_token, mark, want, "containerd")
     up1, local1 = served(agent)
     assert up1 >= art.layers[0].size * 0.5 and up1 + local1 == art.blob_bytes
+    weights = agent.data_dir / "blobs" / "sha256" / art.layers[0].digest.split(":", 1)[1]
+    assert settled_resident(weights, timeout=RELEASE_DELAY + 5) == 0, \
+        "the agent kept the weights it had verified and streamed in the page cache"
 
     containerd.forget(p.ref)
     mark = registry_token.access_log.mark()

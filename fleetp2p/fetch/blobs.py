@@ -23,6 +23,7 @@ from fleetp2p.peering.timed import timed
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.store import BlobStore, Geometry, SegmentReader, SegmentWriter, StoredBlob
+from fleetp2p.store.pagecache import CacheReleaser
 from fleetp2p.store.partials import Record
 from fleetp2p.upstream import UpstreamBlob, UpstreamClient
 from tracker.errors import TrackerError, TrackerUnavailable
@@ -95,11 +96,13 @@ class DownloadSource:
 class BlobFetcher:
     def __init__(self, store: BlobStore, upstream: UpstreamClient, metrics: Metrics,
                  geometry: Callable[[int], Geometry] = Geometry.for_size,
-                 fleet: Fleet | None = None, swarm_min_size: int = 1) -> None:
+                 fleet: Fleet | None = None, swarm_min_size: int = 1,
+                 release_page_cache: bool = False) -> None:
         self.store = store
         self.geometry = geometry
         self.fleet = fleet
         self.swarm_min_size = swarm_min_size
+        self.release_page_cache = release_page_cache  # see store/pagecache.py
         self.upstream = upstream
         self.metrics = metrics
         self._inflight: dict[Digest, Download] = {}
@@ -240,6 +243,7 @@ class BlobFetcher:
                     raise VerificationError(f"upstream says {digest} has {stream.size} bytes, "
                                             f"not {geometry.size}")
             download.set_geometry(geometry)
+            releaser = self._releaser(download)
             if start:
                 download.resumed = start
                 download.advance(start)
@@ -251,8 +255,12 @@ class BlobFetcher:
                 writer.pwrite(data, offset)
                 hasher.update(data)
 
+            def written(end: int) -> None:  # hashed too: the releaser may follow
+                download.advance(end)
+                releaser.passed(end)
+
             if stream is not None:
-                await receive(stream.chunks(), write, start, download.advance)
+                await receive(stream.chunks(), write, start, written)
             self._check_digest(download, hasher.hexdigest())
             self.metrics.fetched_bytes.labels("upstream").inc(geometry.size - start)
             self.metrics.segments.labels("upstream").inc(geometry.segments)
@@ -301,6 +309,7 @@ class BlobFetcher:
         hasher = hashlib.new(download.digest.algorithm)
         await download.ready()
         reader = download.reader()
+        releaser = self._releaser(download)
         buffer = memoryview(bytearray(HASH_CHUNK))  # one buffer: no heap churn per chunk
 
         def hash_range(start: int, count: int) -> None:
@@ -313,9 +322,15 @@ class BlobFetcher:
                 end = min(written, position + HASH_CHUNK)
                 await asyncio.to_thread(hash_range, position, end - position)
                 position = end
+                releaser.passed(position)
         finally:
             reader.close()
         return hasher.hexdigest()
+
+    def _releaser(self, download: Download) -> CacheReleaser:
+        assert download.geometry is not None
+        return CacheReleaser(download.directory, download.geometry,
+                             enabled=self.release_page_cache)
 
     async def _withdraw(self, digest: Digest, fetch: CooperativeFetch) -> None:
         """Which segment is wrong cannot be known: withdraw every published one."""

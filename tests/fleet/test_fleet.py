@@ -17,8 +17,10 @@ from typing import Callable, Sequence
 import pytest
 
 from fleetp2p.peering.handouts import ROUND_QUIET
+from fleetp2p.store.pagecache import RELEASE_DELAY
 from harness.containerd import start_containerd, write_hosts_dir
 from harness.images import build_image
+from harness.pagecache import resident_bytes, segment_files
 
 from .agents import FleetAgent, Snapshot
 from .pull import PullResult, blob_path, pull_all, start_pulls
@@ -86,6 +88,12 @@ def test_warm_fleet_takes_nothing_from_upstream(scene: Scene, blob: BlobMaker) -
     sent = scene.upstream.blob_bytes(mark, {b.digest})
     counted = total(after, "upstream_blob_bytes") - total(before, "upstream_blob_bytes")
     assert sent == counted == 0, f"warm pull took {sent / b.size:.2f}x the blob from upstream"
+
+    # each node handed its page cache back once its verifying hash had passed a segment
+    time.sleep(RELEASE_DELAY + 1.0)
+    resident = [resident_bytes(segment_files(a.blob_dir(b.digest))) for a in rest]
+    print("MiB still in the page cache:", [round(r / MiB, 1) for r in resident])
+    assert sum(resident) < 0.25 * len(rest) * b.size, "the nodes kept the blob in memory"
 
 
 def test_cold_herd_costs_one_upstream_copy(scene: Scene, blob: BlobMaker) -> None:
