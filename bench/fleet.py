@@ -21,8 +21,9 @@ Targets: warm <= 1.3, cold <= 1.6, upstream <= 1.05 x B, peer TTFB < 0.3 s.
 Every link has MTU 1500 by default. All hosts share this machine's cores, so
 the kernel's per-packet work for every host (veth, bridge, tbf, TCP) competes
 with the agents for the same CPUs (tests/fleet/netns.py keeps that work as
-small as real NICs and switches would: GRO on, no iptables on the bridge):
-16 nodes at 100 Mbit/s keep 2 cores about 94 % busy, and the ratios are then
+small, and the wire as clean, as real NICs and switches would: GRO on, no
+iptables on the bridge, a tbf bucket that takes whole offload frames):
+16 nodes at 100 Mbit/s keep 2 cores about 95 % busy, and the ratios are then
 bound by CPU, not by the links. `--mtu 9000`
 (jumbo frames, common in data centres) carries the same bytes in fewer, larger
 packets; comparing the two runs shows how much of a ratio is the simulation.
