@@ -173,7 +173,8 @@ def test_containerd_fetches_model_artifact(agent: Agent, containerd: Containerd,
     up1, local1 = served(agent)
     assert up1 >= art.layers[0].size * 0.5 and up1 + local1 == art.blob_bytes
     weights = agent.data_dir / "blobs" / "sha256" / art.layers[0].digest.split(":", 1)[1]
-    assert settled_resident(weights, timeout=RELEASE_DELAY + 5) == 0, \
+    limit = art.layers[0].size // 10  # what containerd read after a release comes back
+    assert settled_resident(weights, timeout=RELEASE_DELAY + 5, at_most=limit) <= limit, \
         "the agent kept the weights it had verified and streamed in the page cache"
 
     containerd.forget(p.ref)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +15,7 @@ from fleetp2p.store.pagecache import RELEASE_DELAY, CacheReleaser, release
 from fleetp2p.store.segments import segment_path
 from harness.agent import Agent
 from harness.images import Layout, Pushed
-from harness.pagecache import resident_bytes, settled_resident
+from harness.pagecache import resident_bytes, segment_files, settled_resident
 from harness.regclient import RegistryClient
 from harness.registry import Registry
 
@@ -83,8 +84,13 @@ def test_an_agent_fetching_from_upstream_releases_what_it_verified(
         body = RegistryClient(agent.url).get_blob(p.repo, weights.digest).body
         assert "sha256:" + hashlib.sha256(body).hexdigest() == weights.digest
         blob_dir = agent.data_dir / "blobs" / "sha256" / weights.digest.split(":", 1)[1]
-        resident = settled_resident(blob_dir, timeout=RELEASE_DELAY + 5)
         if release_it:
-            assert resident == 0, f"{resident} bytes of the blob still in the page cache"
+            # this client reads behind the agent's hash: what it reads after a
+            # segment's release comes back (from disk), and may stay
+            limit = weights.size // 10
+            resident = settled_resident(blob_dir, timeout=RELEASE_DELAY + 5, at_most=limit)
+            assert resident <= limit, f"{resident} bytes of the blob still cached"
         else:
+            time.sleep(RELEASE_DELAY + 1)
+            resident = resident_bytes(segment_files(blob_dir))
             assert resident >= 0.9 * weights.size, f"only {resident} bytes kept"
