@@ -10,8 +10,9 @@ first piece only after 10 s: the offer made during the handshake is dropped.)
 
 So while holders are scarce each downloader takes pieces from a holder over
 HTTP, one piece per read and READERS_PER_SEGMENT reads per segment, and hands
-them to libtorrent, which checks each against the published piece hash. The holder picks the piece: the lowest one it has
-not handed to anybody yet and this downloader lacks (peering/handouts.py).
+them to libtorrent, which checks each against the published piece hash. The
+holder picks the piece: the lowest one it has not handed to anybody yet and
+this downloader lacks (peering/handouts.py).
 BitTorrent runs among the downloaders only, so every piece leaves a holder
 about once and then spreads at the downloaders' combined rate, and each
 downloader takes pieces at the rate it can. (Shares fixed in advance by
