@@ -29,7 +29,8 @@ from fleetp2p.store.segments import segment_path
 
 log = logging.getLogger(__name__)
 
-RELEASE_DELAY = 2.0  # seconds after the hash passed a segment: slow readers and peers at the same point
+# seconds after the hash passed a segment: for slow readers and peers at the same point
+RELEASE_DELAY = 2.0
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()

@@ -245,10 +245,10 @@ class Host:
         return self.call(get, timeout=timeout + 5)
 
     def set_rate(self, rate: str) -> None:
-        """Reshape both ends of this host's link."""
-        rate_bits(rate)
+        """Reshape both ends of this host's link (`tbf` checks `rate` first)."""
         self.run("tc", "qdisc", "replace", "dev", "eth0", "root", *tbf(rate))
-        self.network.bridge_run("tc", "qdisc", "replace", "dev", self.bridge_port, "root", *tbf(rate))
+        self.network.bridge_run("tc", "qdisc", "replace", "dev", self.bridge_port, "root",
+                                *tbf(rate))
         self.rate = rate
 
     def close_executor(self) -> None:
