@@ -99,14 +99,14 @@ def tbf_burst(rate: str) -> int:
     was over it, so tbf cut it into 45 packets in software and, with its queue
     full, dropped some of them: a sender's own congestion became losses on the
     wire, which a real NIC (it queues and sends an offload frame whole) never
-    makes. And tokens beyond the bucket are lost, so on a busy machine whose
-    timers fire a few ms late a 5 ms bucket made the link slower than its rate.
-    On the 16-node fleet bench at 100 Mbit/s, with the 64 KiB bucket one node's
-    egress dropped 9-10 % of its packets, 2-4 % of its segments were
-    retransmitted, 17-26 retransmission timeouts fired, and the warm phase took
-    38-41 s; with 256 KiB 1.3 %, 0.8 %, 5 timeouts and 28.9 s. Bytes over any interval T stay
-    within rate × T + bucket, so the bench's B/L bound still holds (256 KiB
-    is 0.1 % of its blob)."""
+    makes. (Tokens beyond the bucket are also lost, so a bucket of a few ms can
+    make a link slower than its rate when a busy machine's timers fire late;
+    20 ms leaves room for that.) On the 16-node fleet bench at 100 Mbit/s, with
+    the 64 KiB bucket one node's egress dropped 9-10 % of its packets, 2-4 % of
+    its segments were retransmitted, 17-26 retransmission timeouts fired, and
+    the warm phase took 38-41 s; with 256 KiB: 1.3 %, 0.8 %, 5 timeouts and
+    28.9 s. Bytes over any interval T stay within rate × T + bucket, so the
+    bench's B/L bound still holds (256 KiB is 0.1 % of its blob)."""
     return max(4 * GSO_FRAME, int(rate_bits(rate) / 8 * TOKEN_SLACK_S))
 
 
