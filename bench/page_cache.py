@@ -6,8 +6,9 @@ agents pay it: files written in 16 KiB `pwrite`s (libtorrent's block size).
 Prints each file's time and, at the end, the slowest file against the first.
 On bare metal the ratio stays near 1. On a VM that hands freed memory back to
 its hypervisor (virtio-balloon free page reporting) it jumps once the memory
-the VM keeps backed is used up: on the 2-core VM of README's fleet numbers,
-0.08 s per 256 MiB file for the first ~2.5 GB and 0.65-0.70 s after it. A
+the VM keeps backed is used up: on one 2-core VM, 0.08 s per 256 MiB file for
+the first ~2.5 GB and 0.65-0.70 s after it; on another (README's current fleet
+numbers), 0.10-0.14 s for the first ~3 GB and 0.4-1.0 s after it. A
 16-node fleet phase writes 4 GiB of new page cache, so there that toll lands
 on every node's writes, which one machine of a real fleet never sees.
 

@@ -1,4 +1,4 @@
-"""Giving a blob's page cache back once the node's readers have passed it.
+"""Giving a blob's page cache back once the agent's verifying hash has passed it.
 
 A node streams a blob to its client once (an image layer, model weights) and
 then serves it to peers now and then. Keeping every byte it received in
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,8 +31,9 @@ log = logging.getLogger(__name__)
 # seconds after the hash passed a segment: for slow readers and peers at the same point
 RELEASE_DELAY = 2.0
 
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
+# One thread for every release (started at the first): a slow disk's writeback
+# then delays only other releases, never the hashing and file work of the default pool.
+_RELEASES = ThreadPoolExecutor(1, thread_name_prefix="page-cache")
 
 
 def release(path: Path) -> None:
@@ -49,16 +49,6 @@ def release(path: Path) -> None:
         log.debug("releasing the page cache of %s: %s", path, e)
     finally:
         os.close(fd)
-
-
-def _release_executor() -> ThreadPoolExecutor:
-    """One thread for every release: a slow disk's writeback then delays only
-    other releases, never the hashing and file work of the default pool."""
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(1, thread_name_prefix="page-cache")
-        return _executor
 
 
 class CacheReleaser:
@@ -81,5 +71,5 @@ class CacheReleaser:
         while self._next < self.geometry.segments and \
                 self.geometry.segment_span(self._next)[1] <= position:
             path = segment_path(self.directory, self._next)
-            loop.call_later(self.delay, loop.run_in_executor, _release_executor(), release, path)
+            loop.call_later(self.delay, loop.run_in_executor, _RELEASES, release, path)
             self._next += 1
