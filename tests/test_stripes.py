@@ -6,6 +6,7 @@ through real libtorrent swarms runs in test_swarm_fetch.py and tests/fleet."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import tempfile
@@ -19,13 +20,13 @@ from aiohttp.test_utils import TestServer
 
 from fleetp2p.fetch.cooperative import leaves_lease_to_others
 from fleetp2p.fetch.download import Download
-from fleetp2p.fetch.stripes import Slots, scarce
+from fleetp2p.fetch.stripes import Slots, Stripes, scarce
 from fleetp2p.metrics import HEDGE_WINNERS, Metrics
 from fleetp2p.oci.reference import Digest
 from fleetp2p.peering.handouts import ROUND_QUIET, ROUND_TTL, Handouts, Span, bitfield, has_bit
 from fleetp2p.peering.holds import Holds
 from fleetp2p.peering.openreaders import IDLE, OpenReaders
-from fleetp2p.peering.peerhttp import PeerReader, _left, peer_app
+from fleetp2p.peering.peerhttp import Handout, PeerReader, _left, peer_app
 from fleetp2p.store import Geometry, SegmentReader
 from fleetp2p.store.segments import segment_path
 from fleetp2p.swarm import Swarm, make_metainfo
@@ -549,3 +550,54 @@ async def test_a_holder_whose_file_falls_short_aborts_instead_of_stalling_the_re
     finally:
         await reader.close()
         await holder.close()
+
+
+class OneHolder:
+    """A holder's app stand-in: each segment's pieces lowest first, 10 ms a read;
+    records how many reads each segment had in flight when one began."""
+
+    def __init__(self) -> None:
+        self.next: collections.Counter[int] = collections.Counter()
+        self.inflight: collections.Counter[int] = collections.Counter()
+        self.began: list[tuple[int, dict[int, int]]] = []
+
+    async def holders(self, digest: Digest, index: int) -> list[str]:
+        return ["holder"]
+
+    async def handout(self, digest: Digest, index: int, span: Span, have: bytes) -> Handout:
+        self.inflight[index] += 1
+        self.began.append((index, {i: n for i, n in self.inflight.items() if n}))
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            self.inflight[index] -= 1
+        piece = self.next[index]
+        if piece >= span.pieces:
+            return Handout(None)
+        self.next[index] += 1
+        return Handout(piece, b"x")
+
+
+async def test_the_lowest_segment_takes_both_reads_once_the_first_piece_is_on_disk(tmp_path: Path):
+    """Until the blob's first piece is on disk each segment has one reader (the
+    holder's two slots serve segments 0 and 1); then segment 0 takes both."""
+    geometry = Geometry(size=2 * 6 * PIECE, segment_size=6 * PIECE, piece_size=PIECE)
+    download = Download(Digest.parse(DIGEST), tmp_path)
+    download.set_geometry(geometry)
+
+    class Landing:  # libtorrent stand-in: a handed-out piece is on disk at once
+        def add_piece(self, key: tuple[str, int], piece: int, data: bytes) -> None:
+            first = key[1] * 6 + piece
+            download.mark_pieces(first, first + 1)
+
+    holder = OneHolder()
+    stripes = Stripes(Landing(), holder, download, geometry)  # type: ignore[arg-type]
+    stripes.start(0)
+    stripes.start(1)
+    while stripes.active(0) or stripes.active(1):
+        await asyncio.sleep(0.01)
+    assert download.written == geometry.size  # every piece, each handed out once
+    first_read_of_0 = holder.began[0]
+    assert first_read_of_0 == (0, {0: 1}), holder.began
+    later = [inflight for index, inflight in holder.began[2:] if index == 0]
+    assert {0: 2} in later, f"segment 0 never had both reads: {holder.began}"

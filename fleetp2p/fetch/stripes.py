@@ -9,9 +9,10 @@ its last piece had left it once, and the fleet waited for that piece.
 first piece only after 10 s: the offer made during the handshake is dropped.)
 
 So while holders are scarce each downloader takes pieces from a holder over
-HTTP, one at a time, and hands them to libtorrent, which checks each against
-the published piece hash. The holder picks the piece: the lowest one it has
-not handed to anybody yet and this downloader lacks (peering/handouts.py).
+HTTP, one piece per read and READERS_PER_SEGMENT reads per segment, and hands
+them to libtorrent, which checks each against the published piece hash. The
+holder picks the piece: the lowest one it has not handed to anybody yet and
+this downloader lacks (peering/handouts.py).
 BitTorrent runs among the downloaders only, so every piece leaves a holder
 about once and then spreads at the downloaders' combined rate, and each
 downloader takes pieces at the rate it can. (Shares fixed in advance by
@@ -56,23 +57,29 @@ STRIPE_RATIO = 1
 # peerhttp.py); per segment (in a warm pull one holder has every segment) all
 # of a blob's segments were handed out at once: warm 31 s against 28.
 CONCURRENT_READS = 2
+# Readers per segment, each with one read in flight. With one, a freed slot went
+# to the next segment's waiting read and three segments advanced together, so
+# the in-order prefix grew by three segments at once: every node then hashed
+# them, and its client read and hashed them, at the same moment, and on the
+# fleet bench every link dipped to about half for ~2 s right after each such
+# wave. With two, the lowest unfinished segment takes both slots and segments
+# complete nearly in order: warm 25.4-27.0 s in 10 runs against 26.4-28.7 s in
+# 12 (measured the other way round, 30.8-32.5 against 28.9-31.4 s, while the
+# bench's links still dropped packets: see tbf_burst in tests/fleet/netns.py).
+# The second reader waits for the blob's first piece: started at once it took
+# holder time from the clients' first pieces (peer time to first byte, max over
+# 15 nodes: 0.30-0.56 s in 5 of 7 runs; 0.28-0.32 s in 3 with the wait).
+READERS_PER_SEGMENT = 2
 
 
 class Slots:
-    """A semaphore that lets the lowest-numbered waiter in first.
+    """A semaphore that lets the lowest-numbered waiter in first: the holders'
+    slots go to the lowest unfinished segment, whose pieces clients need next.
 
-    This orders the stripes of segments with the same holders only loosely.
-    Each segment takes one piece at a time, so a freed slot goes to another
-    segment's waiting read, and the earliest segments all advance together.
-    On the 16-node bench (8 segments, 2 slots), the stripe reads of six of
-    the eight segments began within 0.5 s; segment 0's ended at 13 s,
-    segment 7's at 26 s (with shares fixed in advance). A strict queue (2
-    readers per blob, always taking the lowest piece) made the segments
-    complete in order: clients had a quarter of the blob after about 10 s
-    instead of 14-19 s. But the last copy arrived later: 30.8-32.5 s in 4
-    runs, against 28.9-31.4 s in 9 runs with the loose order on the same day.
-    So the loose order stays. Why was not measured; perhaps the downloaders'
-    exchange keeps more connections busy when many segments are in play."""
+    With one reader per segment (each segment takes one piece at a time) a
+    freed slot went to another segment's waiting read and the earliest
+    segments advanced together; READERS_PER_SEGMENT says why each now has two.
+    """
 
     def __init__(self, count: int) -> None:
         self._free = count
@@ -131,7 +138,7 @@ class Stripes:
 
     def start(self, index: int) -> None:
         """Take pieces of segment `index` from its holders until they have handed out all."""
-        self._tasks[index] = asyncio.create_task(self._take_pieces(index),
+        self._tasks[index] = asyncio.create_task(self._take_segment(index),
                                                  name=f"stripe {index} of {self.digest[:19]}")
 
     def paused(self) -> contextlib.AbstractContextManager:
@@ -144,7 +151,15 @@ class Stripes:
         for task in self._tasks.values():
             task.cancel()
 
-    async def _take_pieces(self, index: int) -> None:
+    async def _take_segment(self, index: int) -> None:
+        async with asyncio.TaskGroup() as readers:
+            readers.create_task(self._take_pieces(index))
+            for _ in range(READERS_PER_SEGMENT - 1):
+                readers.create_task(self._take_pieces(index, after_first_piece=True))
+
+    async def _take_pieces(self, index: int, after_first_piece: bool = False) -> None:
+        if after_first_piece:
+            await self.download.wait_written(0)
         start, end = self.geometry.segment_span(index)
         span = Span(start, end, self.geometry.piece_size)
         first = start // span.piece

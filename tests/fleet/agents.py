@@ -119,6 +119,7 @@ class Snapshot:
     hash_failures: float
     lease_waits: float
     hedges: dict[str, float]  # first-piece reads that asked other downloaders too, by winner
+    peer_served: float  # bytes this node sent to other nodes over HTTP
 
     @classmethod
     def of(cls, agent: FleetAgent) -> "Snapshot":
@@ -130,7 +131,8 @@ class Snapshot:
                    metric_sum(m, "fleetp2p_piece_hash_failures_total"),
                    metric_sum(m, "fleetp2p_lease_waits_total"),
                    {w: metric_sum(m, "fleetp2p_read_hedges_total", winner=w)
-                    for w in HEDGE_WINNERS})
+                    for w in HEDGE_WINNERS},
+                   metric_sum(m, "fleetp2p_peer_served_bytes_total"))
 
 
 def start_agents(hosts: Sequence[Host], base: Path, upstream: UpstreamRegistry,
