@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from fleetp2p.fetch.cooperative import LEASE_GRACE, refusal_wait
+from fleetp2p.oci.reference import Digest
 from fleetp2p.swarm import SegmentFinished, TorrentFailed
 from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
 from tracker.backend import Timeouts
@@ -82,6 +83,28 @@ async def test_second_node_gets_blob_from_first(tmp_path):
         await wait_stored(b)
         entry = b.store.get(b.store.entries()[0].digest)
         assert hashlib.sha256(entry.reader().read(0, SIZE)).hexdigest() == digest.split(":")[1]
+
+
+async def test_the_first_piece_is_readable_before_libtorrent_is_handed_it(tmp_path):
+    """The piece a client waits for, read over HTTP from a holder and checked
+    against its published hash, is written and readable before libtorrent gets
+    it: the client does not wait for libtorrent's disk thread and alert."""
+    upstream, data, digest = upstream_with_blob()
+    async with running(upstream.app()) as up, fleet(up, tmp_path, 2) as agents:
+        (_, front_a), (b, front_b) = agents
+        assert await pull(front_a, digest) == data
+        handed: list[tuple[int, int, bool]] = []  # (segment, piece, readable when handed)
+        add_piece = b.swarm.add_piece
+
+        def recording(key, piece: int, piece_data: bytes) -> None:
+            download = b.blobs.download(Digest.parse(digest))
+            assert download is not None
+            first = key[1] * download.geometry.segment_size // download.geometry.piece_size
+            handed.append((key[1], piece, download.has_piece(first + piece)))
+            add_piece(key, piece, piece_data)
+        b.swarm.add_piece = recording
+        assert await pull(front_b, digest) == data
+        assert (0, 0, True) in handed, handed[:3]
 
 
 async def test_cold_herd_costs_one_upstream_copy(tmp_path):

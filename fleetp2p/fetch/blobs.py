@@ -39,6 +39,11 @@ HASH_BATCH = 4 * 1024 * 1024
 
 class BlobSource(Protocol):
     size: int
+    # Its files are being written right now (a download in flight): opening one
+    # finds its inode in memory, so the event loop may do it. A thread hop costs
+    # more than the open on a loaded machine (up to 55 ms before a client's first
+    # byte on the fleet bench). A stored blob's files may be cold on disk.
+    hot: bool
 
     def reader(self) -> SegmentReader: ...
 
@@ -54,6 +59,8 @@ class BlobSource(Protocol):
 
 
 class LocalSource:
+    hot = False
+
     def __init__(self, entry: StoredBlob) -> None:
         self.entry = entry
         self.size = entry.size
@@ -72,6 +79,8 @@ class LocalSource:
 
 
 class DownloadSource:
+    hot = True
+
     def __init__(self, download: Download) -> None:
         self.download = download
         self.size = download.size

@@ -680,8 +680,12 @@ class CooperativeFetch:
     async def _first_piece_over_http(self, index: int, metainfo: bytes) -> None:
         """libtorrent dials peers on its ~1 s tick and queues behind bulk requests;
         the piece a client is blocked on is faster as one HTTP range from a
-        holder's agent. It is checked against the published hash, then handed to
-        libtorrent (which checks it again)."""
+        holder's agent. It is checked against the published hash and written to
+        the segment file here, so the client's stream can go on at once, then
+        handed to libtorrent (which checks it again, writes the same bytes and
+        seeds them). Waiting for libtorrent's own write instead (its network
+        thread, its disk thread, then its alert back to this loop) took 1-72 ms
+        more per node on the loaded fleet bench."""
         reader = self.fleet.peer_reader
         if reader is None:
             return
@@ -700,6 +704,14 @@ class CooperativeFetch:
             self.fleet.metrics.piece_hash_failures.inc()
             return
         await self._first_torrent.wait()  # the read may beat the segment's torrent
+        if self.writer is None or self.download.has_piece(global_piece):
+            return
+        try:
+            await asyncio.to_thread(self.writer.pwrite, data, start)
+        except OSError as e:  # the fetch ended and its files went away meanwhile
+            log.debug("first piece of %s segment %d: %s", self.digest, index, e)
+            return
+        self.download.mark_pieces(global_piece, global_piece + 1)
         self.fleet.swarm.add_piece((self.digest, index), 0, data)
 
     # 6. what an interrupted attempt left on disk (see resume.py) --------------

@@ -29,6 +29,8 @@ WHOLE_FRACTION = 0.5
 class LazySource:
     """A BlobSource over the verified parts of a lazy blob."""
 
+    hot = False  # its parts may have been read long ago
+
     def __init__(self, blob: LazyBlob) -> None:
         self.blob = blob
         self.size = blob.size

@@ -68,7 +68,8 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
                 available = await source.wait_readable(position, batch)
                 count = min(span.end, available, position + SEND_CHUNK) - position
                 for index, within, n in reader.pieces(position, count):
-                    f = reader.opened(index) or await asyncio.to_thread(reader.file, index)
+                    f = reader.opened(index) or (reader.file(index) if source.hot else
+                                                 await asyncio.to_thread(reader.file, index))
                     label = source.label_at(index * reader.geometry.segment_size + within)
                     if first:
                         metrics.ttfb.labels(label).observe(time.monotonic() - started)
