@@ -527,6 +527,31 @@ async def test_a_hedged_read_takes_the_first_complete_answer(caplog, tmp_path: P
             await server.close()
 
 
+async def test_hedges_go_out_in_rounds_while_the_holder_has_not_answered(tmp_path: Path):
+    """Nobody else is known at the first round, and the first downloader asked
+    lacks the piece (404); a later round asks one that has it, which wins."""
+    holder = await _peer(holding(tmp_path, b"h" * 1000, 1.5))
+    lacking = await _peer()
+    other = await _peer(holding(tmp_path, b"o" * 1000))
+    url = lambda s: f"http://127.0.0.1:{s.port}"  # noqa: E731
+    reader = PeerReader(CountingTracker(url(holder)), "me", None, Metrics(), None)  # type: ignore[arg-type]
+    known: list[list[str]] = [[], [url(lacking)], [url(lacking), url(other)]]
+    calls = []
+
+    def others() -> list[str]:
+        calls.append(time.monotonic())
+        return known[min(len(calls) - 1, len(known) - 1)]
+    try:
+        started = time.monotonic()
+        data = await reader.read(Digest.parse(DIGEST), 0, 1000, segment=0, others=others)
+        assert data == b"o" * 1000 and time.monotonic() - started < 1.0
+        assert len(calls) >= 3  # one look per round, until the answer
+    finally:
+        await reader.close()
+        for server in (holder, lacking, other):
+            await server.close()
+
+
 def holding_short(tmp_path: Path, data: bytes, size: int):
     """A lookup that claims `size` bytes while the file on disk has only `data`
     (a file truncated under the holder)."""

@@ -127,29 +127,34 @@ class PeerReader:
 
     async def _race(self, holder: str, others: Callable[[], list[str]], digest: Digest,
                     start: int, end: int) -> bytes | None:
-        """The holder first; if it has not answered within HEDGE_DELAY, a few of
-        `others` too. A herd's clients all want the same first piece from one
-        holder, whose uplink sends it to them one after another; whoever got it
-        first can serve it meanwhile (an agent serves the pieces it has verified
-        and answers 404 for the rest). The first complete answer wins."""
+        """The holder first; while it has not answered, a few of `others` too
+        every HEDGE_DELAY. A herd's clients all want the same first piece from
+        one holder, whose uplink sends it to them one after another; whoever got
+        it first can serve it meanwhile (an agent serves the pieces it has
+        verified and answers 404 for the rest). The first complete answer wins.
+        Rounds, not one hedge: in a herd `others` (the downloaders this node
+        has heard of) is often still empty 100 ms in, and the downloaders that
+        lack the piece at first have it a little later."""
         first = asyncio.create_task(self._get(holder, digest, start, end))
         tasks = {first}
+        asked = {holder}
         hedged = False
         try:
-            done, _ = await asyncio.wait(tasks, timeout=HEDGE_DELAY)
-            if not done:
-                candidates = [url for url in others() if url != holder]
-                hedges = random.sample(candidates, min(HEDGES, len(candidates)))
-                tasks |= {asyncio.create_task(self._get(url, digest, start, end))
-                          for url in hedges}
-                hedged = bool(hedges)
             while tasks:
-                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                done, tasks = await asyncio.wait(tasks, timeout=HEDGE_DELAY,
+                                                 return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     if task.result() is not None:
                         if hedged:
                             self.metrics.read_hedges.labels("holder" if task is first else "other").inc()
                         return task.result()
+                if not first.done():
+                    candidates = [url for url in others() if url not in asked]
+                    hedges = random.sample(candidates, min(HEDGES, len(candidates)))
+                    asked.update(hedges)
+                    tasks |= {asyncio.create_task(self._get(url, digest, start, end))
+                              for url in hedges}
+                    hedged = hedged or bool(hedges)
             if hedged:
                 self.metrics.read_hedges.labels("none").inc()
             return None
