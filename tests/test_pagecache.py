@@ -91,6 +91,10 @@ def test_an_agent_fetching_from_upstream_releases_what_it_verified(
             limit = weights.size // 10
             resident = settled_resident(blob_dir, timeout=RELEASE_DELAY + 5, at_most=limit)
             assert resident <= limit, f"{resident} bytes of the blob still cached"
+            # a cache hit now reads from disk (into the page cache in a thread,
+            # registry/sendfile.py), whole and right
+            again = RegistryClient(agent.url).get_blob(p.repo, weights.digest).body
+            assert "sha256:" + hashlib.sha256(again).hexdigest() == weights.digest
         else:
             time.sleep(RELEASE_DELAY + 1)
             resident = resident_bytes(segment_files(blob_dir))
