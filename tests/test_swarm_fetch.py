@@ -107,24 +107,6 @@ async def test_the_first_piece_is_readable_before_libtorrent_is_handed_it(tmp_pa
         assert (0, 0, True) in handed, handed[:3]
 
 
-async def test_the_first_reads_holders_come_with_the_blob_record(tmp_path):
-    """One tracker call for the record and segment 0's holders: the first piece
-    read asks nothing more (one tracker request fewer per node of a herd)."""
-    upstream, data, digest = upstream_with_blob()
-    async with running(upstream.app()) as up, fleet(up, tmp_path, 2) as agents:
-        (_, front_a), (b, front_b) = agents
-        assert await pull(front_a, digest) == data
-        asked: list[int | None] = []
-        peers = b.tracker.peers
-
-        async def recording(blob: str, **kw):
-            asked.append(kw.get("segment"))
-            return await peers(blob, **kw)
-        b.tracker.peers = recording
-        assert await pull(front_b, digest) == data
-        assert 0 not in asked, asked
-
-
 async def test_cold_herd_costs_one_upstream_copy(tmp_path):
     upstream, data, digest = upstream_with_blob()
     async with running(upstream.app()) as up, fleet(up, tmp_path, 4) as agents:

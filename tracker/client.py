@@ -119,21 +119,6 @@ class TrackerClient:
         except TrackerNotFound:
             return None
 
-    async def get_blob_and_holders(self, digest: str, segment: int, *, node: str | None = None,
-                                   limit: int | None = None
-                                   ) -> tuple[BlobRecord | None, list[Peer] | None]:
-        """The record and the peers holding `segment` in one call; holders None
-        from a tracker that predates `holders_of` (ask `peers` then)."""
-        params = {"holders_of": segment, "node": node, "limit": limit}
-        try:
-            payload = (await self._call("GET", self._blob_path(digest), params=params))[1]
-        except TrackerNotFound:
-            return None, None
-        record = _parse(BlobRecord.from_wire, payload)
-        holders = payload.get("holders") if isinstance(payload, dict) else None
-        return record, (None if holders is None else
-                        _parse(lambda h: [Peer.from_wire(p) for p in h], holders))
-
     async def claim(self, digest: str, node: str, *, segments: Iterable[int] | None = None,
                     count: int = 1) -> LeaseGrant:
         body: dict[str, Any] = {"node": node, "count": count}

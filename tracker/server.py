@@ -232,21 +232,11 @@ async def _put_blob(request: web.Request) -> web.Response:
 
 
 async def _get_blob(request: web.Request) -> web.Response:
-    """The record; with `?holders_of=SEGMENT` also that segment's peers, as
-    /peers would list them (same `node`, `limit`, `zone`, `rack`): an agent
-    whose client waits for a blob's first bytes needs both, and one call
-    instead of two is one request fewer per node when a whole fleet starts a
-    pull at once."""
     digest = _digest(request)
-    backend = request.config_dict[BACKEND]
-    record = await backend.get_blob(digest)
+    record = await request.config_dict[BACKEND].get_blob(digest)
     if record is None:
         raise BlobUnknown(f"unknown blob {digest}")
-    wire = record.to_wire()
-    segment = _query_int(request, "holders_of", 0, 1 << 20, None)
-    if segment is not None:
-        wire["holders"] = [p.to_wire() for p in await _peers_of(request, digest, segment)]
-    return _pack(wire)
+    return _pack(record.to_wire())
 
 
 async def _claim(request: web.Request) -> web.Response:
@@ -325,17 +315,14 @@ async def _leave(request: web.Request) -> web.Response:
 
 async def _peers(request: web.Request) -> web.Response:
     digest = _digest(request)
-    segment = _query_int(request, "segment", 0, 1 << 20, None)
-    return _pack({"peers": [p.to_wire() for p in await _peers_of(request, digest, segment)]})
-
-
-async def _peers_of(request: web.Request, digest: str, segment: int | None) -> list:
     node = request.query.get("node") or None
     if node is not None:
         check_node_id(node)
+    segment = _query_int(request, "segment", 0, 1 << 20, None)
     limit = _query_int(request, "limit", 1, 1000, 20)
-    return await request.config_dict[BACKEND].peers(
+    peers = await request.config_dict[BACKEND].peers(
         digest, node, segment, limit, _query_label(request, "zone"), _query_label(request, "rack"))
+    return _pack({"peers": [p.to_wire() for p in peers]})
 
 
 async def _wait(request: web.Request) -> web.Response:

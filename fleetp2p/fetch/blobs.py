@@ -19,7 +19,6 @@ from fleetp2p.errors import VerificationError
 from fleetp2p.fetch.cooperative import CooperativeFetch, Fleet
 from fleetp2p.fetch.download import Download, DownloadFailed
 from fleetp2p.fetch.receive import receive
-from fleetp2p.peering.peerhttp import HOLDERS_ASKED
 from fleetp2p.peering.timed import timed
 from fleetp2p.metrics import Metrics
 from fleetp2p.oci.reference import Digest
@@ -362,19 +361,11 @@ class BlobFetcher:
         fleet = self.fleet
         if fleet is None or not fleet.announcer.reachable:
             return None
-        reader = fleet.peer_reader
+        if fleet.peer_reader is not None:
+            fleet.peer_reader.prefetch(digest, 0)  # where a client's first byte comes from
         try:
-            if reader is None:
-                record = await timed(self.metrics, "get_blob",
-                                     lambda: fleet.tracker.get_blob(str(digest)))
-            else:  # and where a client's first bytes come from, in the same call
-                record, holders = await timed(
-                    self.metrics, "get_blob", lambda: fleet.tracker.get_blob_and_holders(
-                        str(digest), 0, node=fleet.node_id, limit=HOLDERS_ASKED))
-                if holders is not None:
-                    reader.learned(digest, 0, holders)
-                elif record is not None:  # a tracker from before holders_of
-                    reader.prefetch(digest, 0)
+            record = await timed(self.metrics, "get_blob",
+                                 lambda: fleet.tracker.get_blob(str(digest)))
             if record is None:
                 size = await self.upstream.blob_size(registry, repository, digest)
                 if size < self.swarm_min_size:

@@ -38,7 +38,6 @@ from fleetp2p.registry.sendfile import send_file_range
 from fleetp2p.store import BlobStore, SegmentReader
 from tracker.client import TrackerClient
 from tracker.errors import TrackerError, TrackerUnavailable
-from tracker.models import Peer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ PEER_TIMEOUT = 3.0  # without a byte moving: a busy holder is slow, not dead
 PEERS_TTL = 5.0
 MAX_PEER_RANGE = 64 * 1024 * 1024
 PEERS_TO_TRY = 3
-HOLDERS_ASKED = 10  # peers per tracker answer about a segment's holders
 HEDGE_DELAY = 0.1  # seconds a hedged read waits for the holder before asking others too
 HEDGES = 2
 BULK_MAX_WAIT = 1.0
@@ -197,14 +195,9 @@ class PeerReader:
     async def _ask_holders(self, digest: Digest, segment: int | None) -> list[str]:
         try:
             peers = await timed(self.metrics, "peers", lambda: self.tracker.peers(
-                str(digest), node=self.node_id, segment=segment, limit=HOLDERS_ASKED))
+                str(digest), node=self.node_id, segment=segment, limit=10))
         except (TrackerUnavailable, TrackerError):
             return []
-        return self.learned(digest, segment, peers)
-
-    def learned(self, digest: Digest, segment: int | None, peers: list[Peer]) -> list[str]:
-        """The holders' addresses among `peers` (a tracker's answer), kept for
-        `holders` to return for a few seconds."""
         urls = [p.http for p in peers if p.http and (
             p.has(segment) if segment is not None else p.complete or p.segments)]
         random.shuffle(urls)

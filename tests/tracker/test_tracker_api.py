@@ -137,30 +137,6 @@ async def test_token_required(tracker_app, clients):
                 assert r.status == 200
 
 
-async def test_a_record_comes_with_a_segments_holders_when_asked(tracker_app, clients, serve_app):
-    """One call for what a client's first bytes need; a tracker that predates
-    `holders_of` answers the record alone, and the client says so (None)."""
-    c = clients(await tracker_app(MemoryBackend(FAST)))
-    d = dg("holders")
-    assert await c.get_blob_and_holders(d, 0, node="a") == (None, None)
-    await c.register(d, 3 * SEG)
-    await c.announce(node("a"), {d: [0]})
-    await c.announce(node("b"), {d: [1]})
-    await c.announce(node("c"), {d: "all"})
-    record, holders = await c.get_blob_and_holders(d, 0, node="a", limit=5)
-    assert record == await c.get_blob(d)
-    assert sorted(p.node_id for p in holders) == ["c"]  # not the asker, not a non-holder
-    record, holders = await c.get_blob_and_holders(d, 1)
-    assert sorted(p.node_id for p in holders) == ["b", "c"]
-
-    async def old_tracker(request):
-        return web.Response(body=msgpack.packb(record.to_wire()), content_type="application/msgpack")
-
-    app = web.Application()
-    app.router.add_get("/v1/blobs/{digest}", old_tracker)
-    assert await clients(await serve_app(app)).get_blob_and_holders(d, 0) == (record, None)
-
-
 async def test_unavailable_vs_error(tracker_app, clients, serve_app):
     with pytest.raises(TrackerUnavailable):                   # nothing listening
         await clients("http://127.0.0.1:9", timeout=1).get_blob(dg("x"))
