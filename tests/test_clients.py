@@ -177,6 +177,9 @@ def test_containerd_fetches_model_artifact(agent: Agent, containerd: Containerd,
     assert settled_resident(weights, timeout=RELEASE_DELAY + 5, at_most=limit) <= limit, \
         "the agent kept the weights it had verified and streamed in the page cache"
 
+    # again, from the store: the released weights come from disk, read into the
+    # page cache off the event loop (registry/sendfile.py), and containerd
+    # checks every digest
     containerd.forget(p.ref)
     mark = registry_token.access_log.mark()
     containerd.fetch(p.ref, hosts_dir=hosts)

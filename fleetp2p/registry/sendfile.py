@@ -40,13 +40,17 @@ async def send_file_range(request: web.Request, response: web.StreamResponse, f:
     fd = f.fileno()
     step = WARM_CHUNK if warm else max(count, 1)  # unwarmed: one sendfile call
     parts = [(at, min(step, offset + count - at)) for at in range(offset, offset + count, step)]
-    warming = _warm(fd, *parts[0]) if parts and warm else None
+
+    def warming_part(i: int) -> "asyncio.Future | None":
+        return _warm(fd, *parts[i]) if warm and i < len(parts) else None
+
+    warming = warming_part(0)
     sent = 0
     try:
         for i, (at, n) in enumerate(parts):
             if warming is not None:
                 await warming
-            warming = _warm(fd, *parts[i + 1]) if i + 1 < len(parts) and warm else None
+            warming = warming_part(i + 1)
             try:
                 done = await loop.sendfile(transport, f, at, n, fallback=False)
             except (NotImplementedError, RuntimeError):  # e.g. uvloop or TLS
