@@ -33,7 +33,8 @@ def segment_with_metainfo(directory, index: int, data: bytes) -> bytes:
     (directory / str(index)).write_bytes(data)
     hasher = PieceHasher(PIECE)
     hasher.update(data)
-    return make_metainfo(index, len(data), PIECE, hasher.finish())
+    pieces = hasher.finish()
+    return make_metainfo(index, len(data), PIECE, pieces, hasher.head)  # libtorrent ignores `head`
 
 
 async def test_seed_to_leecher_pieces_readable_on_event(tmp_path, two_swarms):

@@ -33,6 +33,7 @@ class Download:
         self.resumed = 0  # bytes an interrupted attempt had left on disk, not fetched again
         self._pieces = bytearray()
         self._next_piece = 0
+        self._heads: dict[int, int] = {}  # piece → its first bytes on disk (mark_head)
         self._waiters: list[asyncio.Future] = []
 
     # Producer side --------------------------------------------------------
@@ -55,11 +56,27 @@ class Download:
             self._pieces[piece] = 1
         moved = False
         while self._next_piece < len(self._pieces) and self._pieces[self._next_piece]:
+            self._heads.pop(self._next_piece, None)
             self._next_piece += 1
             moved = True
         if moved:
-            self.written = min(self._next_piece * self.geometry.piece_size, self.size)
-            self._wake()
+            self._advance_to_next()
+
+    def mark_head(self, piece: int, length: int) -> None:
+        """The first `length` bytes of blob-wide `piece` are on disk, checked block
+        by block (see swarm.metainfo.HEAD_KEY): readable once the pieces before it
+        are, although the piece as a whole is not (nor safe to serve to peers)."""
+        if self._pieces[piece] or length <= self._heads.get(piece, 0):
+            return
+        self._heads[piece] = length
+        if piece == self._next_piece:
+            self._advance_to_next()
+
+    def _advance_to_next(self) -> None:
+        assert self.geometry is not None
+        self.written = min(self._next_piece * self.geometry.piece_size
+                           + self._heads.get(self._next_piece, 0), self.size)
+        self._wake()
 
     async def wait_written(self, position: int, want: int = 1) -> int:
         """Bytes [0, n) are on disk (not yet verified): n >= position + want, or
