@@ -3,7 +3,6 @@ publisher puts in the metainfo, their check, and the readable prefix."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 from pathlib import Path
@@ -56,56 +55,46 @@ def test_metainfo_without_usable_block_hashes_gives_none() -> None:
 
 async def test_blocks_are_checked_as_they_arrive_from_whichever_answer_is_ahead() -> None:
     data = os.urandom(PIECE)
-    head = HeadBlocks(blocks_of(data), PIECE)
-    assert head.feed(data[:HEAD_BLOCK - 1]) and head.data == b""     # no whole block yet
-    assert head.feed(data[:HEAD_BLOCK + 5]) and head.data == data[:HEAD_BLOCK]
-    other = bytearray(data[:3 * HEAD_BLOCK])
-    assert head.feed(other) and head.data == data[:3 * HEAD_BLOCK]    # a hedge that is ahead
+    shown: list[bytes] = []
+    head = HeadBlocks(blocks_of(data), PIECE, shown.append)
+    assert head.feed(data[:HEAD_BLOCK - 1]) and shown == []             # no whole block yet
+    assert head.feed(data[:HEAD_BLOCK + 5]) and shown == [data[:HEAD_BLOCK]]
+    assert head.feed(bytearray(data[:3 * HEAD_BLOCK]))                  # a hedge that is ahead
+    assert shown[-1] == data[:3 * HEAD_BLOCK]
     bad = bytearray(data)
     bad[-1] ^= 1
     assert not head.feed(bad), "a block that fails its hash drops the answer"
-    assert head.data == data[:3 * HEAD_BLOCK]
-    assert head.feed(data) and head.data == data
+    assert len(shown) == 2
+    assert head.feed(data) and shown[-1] == data
 
 
-async def test_checked_blocks_are_written_then_made_readable_in_order() -> None:
-    data = os.urandom(PIECE)
-    head = HeadBlocks(blocks_of(data), PIECE)
-    disk = bytearray()
-    readable: list[int] = []
-    gate = asyncio.Event()
-
-    async def write(chunk: bytes, at: int) -> bool:
-        await gate.wait()
-        assert at == len(disk)
-        disk.extend(chunk)
-        return True
-
-    flusher = asyncio.create_task(head.flush(write, readable.append))
-    head.feed(data[:HEAD_BLOCK])
-    await asyncio.sleep(0)
-    head.feed(data[:3 * HEAD_BLOCK])  # arrives while the first write is under way
-    gate.set()
-    for _ in range(10):
-        await asyncio.sleep(0)
-    assert readable == [HEAD_BLOCK, 3 * HEAD_BLOCK], "the second write took both blocks"
-    head.feed(data)
-    await asyncio.wait_for(flusher, 1)  # ends once the whole piece is on disk
-    assert bytes(disk) == data and readable[-1] == PIECE
-
-
-async def test_a_pieces_checked_head_is_readable_once_the_pieces_before_it_are(tmp_path: Path) -> None:
+def test_checked_bytes_are_readable_from_memory_once_the_pieces_before_them_are(tmp_path: Path) -> None:
     download = Download(Digest.parse("sha256:" + "0" * 64), tmp_path)
     download.set_geometry(Geometry(size=10 * PIECE, segment_size=4 * PIECE, piece_size=PIECE))
-    download.mark_head(4, HEAD_BLOCK)  # the first piece of segment 1, before segment 0 is there
-    assert download.written == 0
-    download.mark_head(0, 2 * HEAD_BLOCK)
-    assert download.written == 2 * HEAD_BLOCK
-    download.mark_head(0, HEAD_BLOCK)  # an older, shorter report does not move it back
-    assert download.written == 2 * HEAD_BLOCK
+    data = os.urandom(2 * HEAD_BLOCK)
+    download.mark_head(4, data[:HEAD_BLOCK])  # the first piece of segment 1, before segment 0 is in
+    assert download.readable() == 0
+    download.mark_head(0, data)
+    assert download.readable() == 2 * HEAD_BLOCK
+    assert download.on_disk(HEAD_BLOCK, HEAD_BLOCK) == (0, data[HEAD_BLOCK:])
+    download.mark_head(0, data[:HEAD_BLOCK])  # an older, shorter report does not move it back
+    assert download.readable() == 2 * HEAD_BLOCK
+    assert download.written == 0, "not on disk: the whole-blob hasher does not read it"
     assert not download.covers(0, HEAD_BLOCK), "a partial piece is not served to peers"
-    download.mark_pieces(0, 4)
-    assert download.written == 4 * PIECE + HEAD_BLOCK
+
+    download.mark_pieces(0, 4)  # on disk now, and segment 1's head follows
+    assert download.readable() == 4 * PIECE + HEAD_BLOCK
+    assert download.on_disk(0, 4 * PIECE) == (4 * PIECE, b"")
+    assert download.on_disk(3 * PIECE, PIECE + 3) == (PIECE, data[:3]), "disk, then memory"
     download.mark_pieces(4, 5)
-    download.mark_head(4, 2 * HEAD_BLOCK)  # the piece is whole already
-    assert download.written == 5 * PIECE
+    assert download.readable() == 5 * PIECE
+    assert download.on_disk(4 * PIECE, PIECE) == (PIECE, b"")
+    download.mark_head(4, data)  # the piece is whole already
+    assert download.readable() == 5 * PIECE
+
+
+def test_the_last_byte_waits_for_verification_even_from_memory(tmp_path: Path) -> None:
+    download = Download(Digest.parse("sha256:" + "0" * 64), tmp_path)
+    download.set_geometry(Geometry(size=HEAD_BLOCK, segment_size=PIECE, piece_size=PIECE))
+    download.mark_head(0, os.urandom(HEAD_BLOCK))
+    assert download.readable() == HEAD_BLOCK - 1

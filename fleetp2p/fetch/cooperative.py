@@ -682,13 +682,12 @@ class CooperativeFetch:
     async def _first_piece_over_http(self, index: int, metainfo: bytes) -> None:
         """libtorrent dials peers on its ~1 s tick and queues behind bulk requests;
         the piece a client is blocked on is faster as one HTTP range from a
-        holder's agent. Its blocks are checked (head.py) and written to the
-        segment file as they arrive, so the client's stream begins with the
-        first one; the whole piece is checked against the published hash,
-        written, and handed to libtorrent (which checks it again, writes the
-        same bytes and seeds them). Waiting for libtorrent's own write instead
-        (its network thread, its disk thread, then its alert back to this loop)
-        took 1-72 ms more per node on the loaded fleet bench."""
+        holder's agent. Its blocks are checked (head.py) and given to clients
+        as they arrive. The whole piece is checked against the published hash,
+        written to the segment file, and then handed to libtorrent (which checks
+        it again, writes the same bytes and seeds them). Waiting for libtorrent's
+        own write instead (its network thread, its disk thread, then its alert
+        back to this loop) took 1-72 ms more per node on the loaded fleet bench."""
         reader = self.fleet.peer_reader
         if reader is None:
             return
@@ -697,40 +696,29 @@ class CooperativeFetch:
         global_piece = start // self.geometry.piece_size
         if self.download.has_piece(global_piece):
             return
-        head = HeadBlocks(head_hashes(metainfo), end - start)
-        flusher = asyncio.create_task(head.flush(
-            lambda data, at: self._write_first_piece(data, start + at),
-            lambda length: self.download.mark_head(global_piece, length))) if head.hashes else None
-        try:
-            with self._stripes_paused():  # holders' uplinks go to the piece a client waits for
-                data = await reader.read(self.download.digest, start, end, segment=index,
-                                         others=self._downloaders,
-                                         progress=head.feed if flusher is not None else None)
-        finally:
-            if flusher is not None:
-                flusher.cancel()
+        self.download.segment_sources[index] = "peer"  # its first bytes may go out before _add_segment
+        head = HeadBlocks(head_hashes(metainfo), end - start,
+                          lambda checked: self.download.mark_head(global_piece, checked))
+        with self._stripes_paused():  # holders' uplinks go to the piece a client waits for
+            data = await reader.read(self.download.digest, start, end, segment=index,
+                                     others=self._downloaders,
+                                     progress=head.feed if head.hashes else None)
         if data is None or self.download.has_piece(global_piece):
             return
         expected = piece_hash(metainfo, 0)
         if expected is None or hashlib.sha1(data).digest() != expected:
             self.fleet.metrics.piece_hash_failures.inc()
             return
-        if await self._write_first_piece(data, start) and not self.download.has_piece(global_piece):
-            self.download.mark_pieces(global_piece, global_piece + 1)
-            self.fleet.swarm.add_piece((self.digest, index), 0, data)
-
-    async def _write_first_piece(self, data: bytes, offset: int) -> bool:
-        """Checked bytes of a segment's first piece to its file; False if there is
-        no file to write (any more)."""
         await self._first_torrent.wait()  # the read may beat the segment's torrent
-        if self.writer is None:
-            return False
+        if self.writer is None or self.download.has_piece(global_piece):
+            return
         try:
-            await asyncio.to_thread(self.writer.pwrite, data, offset)
+            await asyncio.to_thread(self.writer.pwrite, data, start)
         except OSError as e:  # the fetch ended and its files went away meanwhile
-            log.debug("first piece of %s at %d: %s", self.digest, offset, e)
-            return False
-        return True
+            log.debug("first piece of %s segment %d: %s", self.digest, index, e)
+            return
+        self.download.mark_pieces(global_piece, global_piece + 1)
+        self.fleet.swarm.add_piece((self.digest, index), 0, data)
 
     # 6. what an interrupted attempt left on disk (see resume.py) --------------
 

@@ -33,7 +33,7 @@ class Download:
         self.resumed = 0  # bytes an interrupted attempt had left on disk, not fetched again
         self._pieces = bytearray()
         self._next_piece = 0
-        self._heads: dict[int, int] = {}  # piece → its first bytes on disk (mark_head)
+        self._heads: dict[int, bytes] = {}  # piece → its first bytes, checked, in memory (mark_head)
         self._waiters: list[asyncio.Future] = []
 
     # Producer side --------------------------------------------------------
@@ -54,29 +54,26 @@ class Download:
         assert self.geometry is not None
         for piece in range(first, end):
             self._pieces[piece] = 1
+            self._heads.pop(piece, None)
         moved = False
         while self._next_piece < len(self._pieces) and self._pieces[self._next_piece]:
-            self._heads.pop(self._next_piece, None)
             self._next_piece += 1
             moved = True
         if moved:
-            self._advance_to_next()
+            self.written = min(self._next_piece * self.geometry.piece_size, self.size)
+            self._wake()
 
-    def mark_head(self, piece: int, length: int) -> None:
-        """The first `length` bytes of blob-wide `piece` are on disk, checked block
-        by block (see swarm.metainfo.HEAD_KEY): readable once the pieces before it
-        are, although the piece as a whole is not (nor safe to serve to peers)."""
-        if self._pieces[piece] or length <= self._heads.get(piece, 0):
+    def mark_head(self, piece: int, data: bytes) -> None:
+        """`data`, the first bytes of blob-wide `piece`, were checked block by block
+        (fetch/head.py) and are not on disk yet: clients may be sent them from
+        memory (`in_memory`) once they have the pieces before, although the
+        piece is not whole (nor on disk, nor safe to serve to peers). Written to
+        disk with the rest of the piece, then dropped here by `mark_pieces`."""
+        if self._pieces[piece] or len(data) <= len(self._heads.get(piece, b"")):
             return
-        self._heads[piece] = length
+        self._heads[piece] = data
         if piece == self._next_piece:
-            self._advance_to_next()
-
-    def _advance_to_next(self) -> None:
-        assert self.geometry is not None
-        self.written = min(self._next_piece * self.geometry.piece_size
-                           + self._heads.get(self._next_piece, 0), self.size)
-        self._wake()
+            self._wake()
 
     async def wait_written(self, position: int, want: int = 1) -> int:
         """Bytes [0, n) are on disk (not yet verified): n >= position + want, or
@@ -140,11 +137,21 @@ class Download:
             raise DownloadFailed(str(self.error)) from self.error
         if self.verified:
             return self.size
-        return min(self.written, max(self.size - 1, 0))
+        head = self._heads.get(self._next_piece, b"")  # in memory, right after the written prefix
+        return min(self.written + len(head), max(self.size - 1, 0))
+
+    def on_disk(self, position: int, count: int) -> tuple[int, bytes]:
+        """Of `count` readable bytes from `position`: how many are on disk, and the
+        ones after those, which are only in memory (see mark_head)."""
+        head = self._heads.get(self._next_piece, b"")
+        disk = max(min(count, self.written - position), 0)
+        end = min(position + count, self.written + len(head))
+        return disk, head[position + disk - self.written:end - self.written]
 
     async def wait_readable(self, position: int, want: int = 1) -> int:
-        """Bytes [0, n) may be served: n >= position + want, or n > position when
-        no more will come before verification, or n == size once verified."""
+        """Bytes [0, n) may be served (from disk, or `in_memory`): n >= position +
+        want, or n > position when no more will come before verification, or
+        n == size once verified."""
         goal = min(position + max(want, 1), self.size)
         while True:
             n = self.readable()

@@ -1,6 +1,8 @@
 """The first piece of a segment, given to the clients waiting for it block by
 block as it arrives from peers, each block checked against the SHA-256 its
-publisher put in the metainfo (swarm.metainfo.HEAD_KEY).
+publisher put in the metainfo (swarm.metainfo.HEAD_KEY). The blocks are sent
+from memory (Download.mark_head): the piece goes to disk once it is whole,
+and a thread hop per write had cost 15-75 ms before the client's first byte.
 
 On the 16-node fleet bench, fifteen nodes ask the one holder for the same
 first piece at once; its uplink sends them a few at a time, and the last
@@ -9,9 +11,8 @@ node's whole piece arrived up to 150 ms after its request.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from fleetp2p.swarm.metainfo import HEAD_BLOCK
 
@@ -20,11 +21,11 @@ class HeadBlocks:
     """The checked prefix of one piece, from whichever answers (a hedged read
     has several at once) bring each next block first."""
 
-    def __init__(self, hashes: list[bytes], length: int) -> None:
+    def __init__(self, hashes: list[bytes], length: int, checked: Callable[[bytes], None]) -> None:
         self.hashes = hashes
         self.length = length
         self.data = bytearray()  # the piece's first bytes, every block checked
-        self._grew = asyncio.Event()
+        self._checked = checked  # shown a copy of `data` each time it grows
 
     def feed(self, received: bytes | bytearray | memoryview) -> bool:
         """`received`: one answer's bytes so far (the first len(received) of the
@@ -44,23 +45,5 @@ class HeadBlocks:
             self.data += block
             grew = True
         if grew:
-            self._grew.set()
+            self._checked(bytes(self.data))
         return True
-
-    async def flush(self, write: Callable[[bytes, int], Awaitable[bool]],
-                    readable: Callable[[int], None]) -> None:
-        """Until cancelled: each new stretch of checked blocks written (`write(data,
-        offset in the piece)`, False if it could not be), then made readable
-        (`readable(bytes on disk)`). One write at a time, of all that arrived
-        meanwhile: a thread hop per block would cost more than the blocks."""
-        on_disk = 0
-        while on_disk < self.length:
-            await self._grew.wait()
-            self._grew.clear()
-            data = bytes(self.data[on_disk:])
-            if not data:
-                continue
-            if not await write(data, on_disk):
-                return
-            on_disk += len(data)
-            readable(on_disk)
