@@ -18,7 +18,8 @@ PIECE = 4 * HEAD_BLOCK
 
 
 def blocks_of(data: bytes) -> list[bytes]:
-    return [hashlib.sha256(data[i:i + HEAD_BLOCK]).digest() for i in range(0, len(data), HEAD_BLOCK)]
+    return [hashlib.sha256(data[i:i + HEAD_BLOCK]).digest()
+            for i in range(0, len(data), HEAD_BLOCK)]
 
 
 def metainfo_of(data: bytes, piece: int = PIECE) -> bytes:
@@ -68,7 +69,7 @@ async def test_blocks_are_checked_as_they_arrive_from_whichever_answer_is_ahead(
     assert head.feed(data) and shown[-1] == data
 
 
-def test_checked_bytes_are_readable_from_memory_once_the_pieces_before_them_are(tmp_path: Path) -> None:
+def test_checked_bytes_are_readable_from_memory_after_the_pieces_before_them(tmp_path: Path) -> None:
     download = Download(Digest.parse("sha256:" + "0" * 64), tmp_path)
     download.set_geometry(Geometry(size=10 * PIECE, segment_size=4 * PIECE, piece_size=PIECE))
     data = os.urandom(2 * HEAD_BLOCK)

@@ -696,7 +696,7 @@ class CooperativeFetch:
         global_piece = start // self.geometry.piece_size
         if self.download.has_piece(global_piece):
             return
-        self.download.segment_sources[index] = "peer"  # its first bytes may go out before _add_segment
+        self.download.segment_sources[index] = "peer"  # its first bytes may beat _add_segment
         head = HeadBlocks(head_hashes(metainfo), end - start,
                           lambda checked: self.download.mark_head(global_piece, checked))
         with self._stripes_paused():  # holders' uplinks go to the piece a client waits for

@@ -33,7 +33,7 @@ class Download:
         self.resumed = 0  # bytes an interrupted attempt had left on disk, not fetched again
         self._pieces = bytearray()
         self._next_piece = 0
-        self._heads: dict[int, bytes] = {}  # piece → its first bytes, checked, in memory (mark_head)
+        self._heads: dict[int, bytes] = {}  # piece → its first bytes, only in memory (mark_head)
         self._waiters: list[asyncio.Future] = []
 
     # Producer side --------------------------------------------------------
@@ -66,7 +66,7 @@ class Download:
     def mark_head(self, piece: int, data: bytes) -> None:
         """`data`, the first bytes of blob-wide `piece`, were checked block by block
         (fetch/head.py) and are not on disk yet: clients may be sent them from
-        memory (`in_memory`) once they have the pieces before, although the
+        memory (`on_disk`) once they have the pieces before, although the
         piece is not whole (nor on disk, nor safe to serve to peers). Written to
         disk with the rest of the piece, then dropped here by `mark_pieces`."""
         if self._pieces[piece] or len(data) <= len(self._heads.get(piece, b"")):
@@ -149,9 +149,9 @@ class Download:
         return disk, head[position + disk - self.written:end - self.written]
 
     async def wait_readable(self, position: int, want: int = 1) -> int:
-        """Bytes [0, n) may be served (from disk, or `in_memory`): n >= position +
-        want, or n > position when no more will come before verification, or
-        n == size once verified."""
+        """Bytes [0, n) may be served (from disk or memory: `on_disk`): n >=
+        position + want, or n > position when no more will come before
+        verification, or n == size once verified."""
         goal = min(position + max(want, 1), self.size)
         while True:
             n = self.readable()

@@ -159,7 +159,7 @@ class Stripes:
 
     async def _take_pieces(self, index: int, after_first_piece: bool = False) -> None:
         if after_first_piece:
-            await self.download.wait_written(0, self.geometry.piece_size)  # whole, not its first blocks
+            await self.download.wait_written(0)
         start, end = self.geometry.segment_span(index)
         span = Span(start, end, self.geometry.piece_size)
         first = start // span.piece
