@@ -11,17 +11,13 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable
 
 import aiohttp
 import pytest
 
 from fleetp2p.fetch.cooperative import LEASE_GRACE, refusal_wait
 from fleetp2p.oci.reference import Digest
-from fleetp2p.peering import peerhttp
-from fleetp2p.registry.sendfile import send_file_range
 from fleetp2p.swarm import SegmentFinished, TorrentFailed
-from fleetp2p.swarm.metainfo import HEAD_BLOCK
 from tests.inprocess import FakeUpstream, agent_for, running, wait_stored
 from tracker.backend import Timeouts
 from tracker.client import TrackerClient
@@ -30,7 +26,6 @@ from tracker.models import LeaseGrant
 from tracker.server import create_app
 
 SIZE = 5 * 1024 * 1024 + 4321
-PIECE = 64 * 1024  # swarm_settings' piece_size
 
 
 def free_port() -> int:
@@ -110,63 +105,6 @@ async def test_the_first_piece_is_readable_before_libtorrent_is_handed_it(tmp_pa
         b.swarm.add_piece = recording
         assert await pull(front_b, digest) == data
         assert (0, 0, True) in handed, handed[:3]
-
-
-def holder_sending_first_pieces(monkeypatch, first_block: Callable) -> None:
-    """The holder's peer HTTP server (in this process, like every agent here)
-    sends the first block of every first piece through `first_block(request,
-    response, f)`, the rest as usual."""
-    async def sending(request, response, f, offset, count, **kw):
-        if offset == 0 and count == PIECE:
-            await first_block(request, response, f, **kw)
-            offset, count = HEAD_BLOCK, PIECE - HEAD_BLOCK
-        await send_file_range(request, response, f, offset, count, **kw)
-    monkeypatch.setattr(peerhttp, "send_file_range", sending)
-
-
-async def test_a_client_gets_the_first_pieces_blocks_as_each_is_checked(tmp_path, monkeypatch):
-    """The holder sends the first block of the piece a client waits for, then
-    stalls: the client has that block, checked against the hash its publisher
-    put in the metainfo, while the piece itself is still incomplete."""
-    upstream, data, digest = upstream_with_blob()
-    sent, stall = asyncio.Event(), asyncio.Event()
-
-    async def then_stall(request, response, f, **kw):
-        await send_file_range(request, response, f, 0, HEAD_BLOCK, **kw)
-        sent.set()
-        await stall.wait()
-
-    async with running(upstream.app()) as up, fleet(up, tmp_path, 2) as agents:
-        (_, front_a), (b, front_b) = agents
-        assert await pull(front_a, digest) == data
-        holder_sending_first_pieces(monkeypatch, then_stall)
-        async with aiohttp.ClientSession() as session:
-            async with session.get(front_b.make_url(f"/v2/app/blobs/{digest}")) as resp:
-                head = await asyncio.wait_for(resp.content.readexactly(HEAD_BLOCK), 10)
-                assert sent.is_set() and head == data[:HEAD_BLOCK]
-                download = b.blobs.download(Digest.parse(digest))
-                assert download is not None and not download.has_piece(0)
-                stall.set()
-                assert head + await resp.read() == data
-
-
-async def test_a_first_block_that_fails_its_hash_never_reaches_the_client(tmp_path, monkeypatch):
-    upstream, data, digest = upstream_with_blob()
-    corrupted = []
-
-    async def corrupt_once(request, response, f, **kw):
-        block = bytearray(data[:HEAD_BLOCK])
-        if not corrupted:
-            block[100] ^= 0xFF
-            corrupted.append(True)
-        await response.write(bytes(block))
-
-    async with running(upstream.app()) as up, fleet(up, tmp_path, 2) as agents:
-        (_, front_a), (b, front_b) = agents
-        assert await pull(front_a, digest) == data
-        holder_sending_first_pieces(monkeypatch, corrupt_once)
-        assert await pull(front_b, digest) == data  # the piece came again, whole and right
-        assert corrupted and value(b, b.metrics.piece_hash_failures) >= 1
 
 
 async def test_cold_herd_costs_one_upstream_copy(tmp_path):

@@ -33,8 +33,7 @@ def segment_with_metainfo(directory, index: int, data: bytes) -> bytes:
     (directory / str(index)).write_bytes(data)
     hasher = PieceHasher(PIECE)
     hasher.update(data)
-    pieces = hasher.finish()
-    return make_metainfo(index, len(data), PIECE, pieces, hasher.head)  # libtorrent ignores `head`
+    return make_metainfo(index, len(data), PIECE, hasher.finish())
 
 
 async def test_seed_to_leecher_pieces_readable_on_event(tmp_path, two_swarms):

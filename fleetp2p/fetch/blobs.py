@@ -49,12 +49,6 @@ class BlobSource(Protocol):
 
     async def wait_readable(self, position: int, want: int = 1) -> int: ...
 
-    def on_disk(self, position: int, count: int) -> tuple[int, bytes]:
-        """Of `count` readable bytes from `position`: how many to send from the
-        files, and the ones after those, to send from memory (checked, not on
-        disk yet: Download.mark_head)."""
-        ...
-
     def label_at(self, offset: int) -> str:
         """Metrics source of the byte at `offset`: local, upstream or peer."""
         ...
@@ -77,9 +71,6 @@ class LocalSource:
     async def wait_readable(self, position: int, want: int = 1) -> int:
         return self.size
 
-    def on_disk(self, position: int, count: int) -> tuple[int, bytes]:
-        return count, b""
-
     def label_at(self, offset: int) -> str:
         return "local"
 
@@ -101,9 +92,6 @@ class DownloadSource:
 
     async def wait_readable(self, position: int, want: int = 1) -> int:
         return await self.download.wait_readable(position, want)
-
-    def on_disk(self, position: int, count: int) -> tuple[int, bytes]:
-        return self.download.on_disk(position, count)
 
     def label_at(self, offset: int) -> str:
         return "local" if self.local else self.download.label_at(offset)

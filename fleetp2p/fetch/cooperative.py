@@ -32,7 +32,6 @@ from pathlib import Path
 
 from fleetp2p.errors import StorageError, UpstreamError
 from fleetp2p.fetch.download import Download
-from fleetp2p.fetch.head import HeadBlocks
 from fleetp2p.fetch.receive import receive
 from fleetp2p.fetch.resume import Resume, metainfo_path
 from fleetp2p.fetch.stripes import Stripes, scarce
@@ -44,7 +43,7 @@ from fleetp2p.store import BlobStore, Geometry, SegmentWriter
 from fleetp2p.store.partials import Record
 from fleetp2p.swarm import (HashFailed, PieceFinished, PieceHasher, SegmentChecked,
                             SegmentFinished, Swarm, SwarmEvent, TorrentFailed, make_metainfo)
-from fleetp2p.swarm.metainfo import check_metainfo, head_hashes, piece_hash
+from fleetp2p.swarm.metainfo import check_metainfo, piece_hash
 from fleetp2p.upstream import UpstreamClient
 from tracker.client import TrackerClient
 from tracker.errors import TrackerError, TrackerUnavailable
@@ -474,8 +473,7 @@ class CooperativeFetch:
             if renewer is not None:
                 renewer.cancel()
         took = max(time.monotonic() - began, 1e-3)
-        pieces = hasher.finish()
-        metainfo = make_metainfo(index, end - start, self.geometry.piece_size, pieces, hasher.head)
+        metainfo = make_metainfo(index, end - start, self.geometry.piece_size, hasher.finish())
         await asyncio.to_thread(self._save_metainfo, index, metainfo)
         fleet.swarm.add_segment((self.digest, index), metainfo, self.directory, seed=True)
         self._segment_done(index, "upstream")
@@ -682,27 +680,23 @@ class CooperativeFetch:
     async def _first_piece_over_http(self, index: int, metainfo: bytes) -> None:
         """libtorrent dials peers on its ~1 s tick and queues behind bulk requests;
         the piece a client is blocked on is faster as one HTTP range from a
-        holder's agent. Its blocks are checked (head.py) and given to clients
-        as they arrive. The whole piece is checked against the published hash,
-        written to the segment file, and then handed to libtorrent (which checks
-        it again, writes the same bytes and seeds them). Waiting for libtorrent's
-        own write instead (its network thread, its disk thread, then its alert
-        back to this loop) took 1-72 ms more per node on the loaded fleet bench."""
+        holder's agent. It is checked against the published hash and written to
+        the segment file here, so the client's stream can go on at once, then
+        handed to libtorrent (which checks it again, writes the same bytes and
+        seeds them). Waiting for libtorrent's own write instead (its network
+        thread, its disk thread, then its alert back to this loop) took 1-72 ms
+        more per node on the loaded fleet bench."""
         reader = self.fleet.peer_reader
         if reader is None:
             return
         start, end = self.geometry.segment_span(index)
-        end = min(start + self.geometry.piece_size, end)
-        global_piece = start // self.geometry.piece_size
+        piece = self.geometry.piece_size
+        global_piece = start // piece
         if self.download.has_piece(global_piece):
             return
-        self.download.segment_sources[index] = "peer"  # its first bytes may beat _add_segment
-        head = HeadBlocks(head_hashes(metainfo), end - start,
-                          lambda checked: self.download.mark_head(global_piece, checked))
         with self._stripes_paused():  # holders' uplinks go to the piece a client waits for
-            data = await reader.read(self.download.digest, start, end, segment=index,
-                                     others=self._downloaders,
-                                     progress=head.feed if head.hashes else None)
+            data = await reader.read(self.download.digest, start, min(start + piece, end),
+                                     segment=index, others=self._downloaders)
         if data is None or self.download.has_piece(global_piece):
             return
         expected = piece_hash(metainfo, 0)

@@ -33,7 +33,6 @@ class Download:
         self.resumed = 0  # bytes an interrupted attempt had left on disk, not fetched again
         self._pieces = bytearray()
         self._next_piece = 0
-        self._heads: dict[int, bytes] = {}  # piece → its first bytes, only in memory (mark_head)
         self._waiters: list[asyncio.Future] = []
 
     # Producer side --------------------------------------------------------
@@ -54,25 +53,12 @@ class Download:
         assert self.geometry is not None
         for piece in range(first, end):
             self._pieces[piece] = 1
-            self._heads.pop(piece, None)
         moved = False
         while self._next_piece < len(self._pieces) and self._pieces[self._next_piece]:
             self._next_piece += 1
             moved = True
         if moved:
             self.written = min(self._next_piece * self.geometry.piece_size, self.size)
-            self._wake()
-
-    def mark_head(self, piece: int, data: bytes) -> None:
-        """`data`, the first bytes of blob-wide `piece`, were checked block by block
-        (fetch/head.py) and are not on disk yet: clients may be sent them from
-        memory (`on_disk`) once they have the pieces before, although the
-        piece is not whole (nor on disk, nor safe to serve to peers). Written to
-        disk with the rest of the piece, then dropped here by `mark_pieces`."""
-        if self._pieces[piece] or len(data) <= len(self._heads.get(piece, b"")):
-            return
-        self._heads[piece] = data
-        if piece == self._next_piece:
             self._wake()
 
     async def wait_written(self, position: int, want: int = 1) -> int:
@@ -137,21 +123,11 @@ class Download:
             raise DownloadFailed(str(self.error)) from self.error
         if self.verified:
             return self.size
-        head = self._heads.get(self._next_piece, b"")  # in memory, right after the written prefix
-        return min(self.written + len(head), max(self.size - 1, 0))
-
-    def on_disk(self, position: int, count: int) -> tuple[int, bytes]:
-        """Of `count` readable bytes from `position`: how many are on disk, and the
-        ones after those, which are only in memory (see mark_head)."""
-        head = self._heads.get(self._next_piece, b"")
-        disk = max(min(count, self.written - position), 0)
-        end = min(position + count, self.written + len(head))
-        return disk, head[position + disk - self.written:end - self.written]
+        return min(self.written, max(self.size - 1, 0))
 
     async def wait_readable(self, position: int, want: int = 1) -> int:
-        """Bytes [0, n) may be served (from disk or memory: `on_disk`): n >=
-        position + want, or n > position when no more will come before
-        verification, or n == size once verified."""
+        """Bytes [0, n) may be served: n >= position + want, or n > position when
+        no more will come before verification, or n == size once verified."""
         goal = min(position + max(want, 1), self.size)
         while True:
             n = self.readable()

@@ -41,9 +41,6 @@ class LazySource:
     async def wait_readable(self, position: int, want: int = 1) -> int:
         return self.size
 
-    def on_disk(self, position: int, count: int) -> tuple[int, bytes]:
-        return count, b""
-
     def label_at(self, offset: int) -> str:
         return "peer" if self.blob.from_peers.covers(offset, offset + 1) else "upstream"
 

@@ -70,8 +70,6 @@ class Handout:
     data: bytes = b""
 
 
-# Shown a read's bytes so far; False when they fail a check (fetch/head.py).
-Progress = Callable[[bytearray], bool]
 # (digest, start, end) → (open a reader, blob size) when this node holds those bytes verified.
 Lookup = Callable[[Digest, int, int], "tuple[Callable[[], SegmentReader], int] | None"]
 
@@ -95,11 +93,10 @@ class PeerReader:
         self.announcer.hold_segment(str(digest), 0)
 
     async def read(self, digest: Digest, start: int, end: int, segment: int | None = None, *,
-                   others: Callable[[], list[str]] | None = None,
-                   progress: Progress | None = None) -> bytes | None:
+                   others: Callable[[], list[str]] | None = None) -> bytes | None:
         """The bytes from some holder (of `segment`, when given), unverified; None if
         no holder answered with all of them. `others`: agents that may have the
-        bytes too (see `_race`). `progress`: see `_fetch`."""
+        bytes too (see `_race`)."""
         if end - start > MAX_PEER_RANGE:
             return None
         holders = (await self.holders(digest, segment))[:PEERS_TO_TRY]
@@ -107,12 +104,12 @@ class PeerReader:
             log.debug("peer http: no holders of %s segment %s", digest, segment)
             return None
         if others is not None:
-            data = await self._race(holders[0], others, digest, start, end, progress)
+            data = await self._race(holders[0], others, digest, start, end)
             if data is not None:
                 return data
             holders = holders[1:]
         for url in holders:
-            data = await self._get(url, digest, start, end, progress)
+            data = await self._get(url, digest, start, end)
             if data is not None:
                 return data
         return None
@@ -129,7 +126,7 @@ class PeerReader:
         return None
 
     async def _race(self, holder: str, others: Callable[[], list[str]], digest: Digest,
-                    start: int, end: int, progress: Progress | None) -> bytes | None:
+                    start: int, end: int) -> bytes | None:
         """The holder first; while it has not answered, a few of `others` too
         every HEDGE_DELAY. A herd's clients all want the same first piece from
         one holder, whose uplink sends it to them one after another; whoever got
@@ -138,7 +135,7 @@ class PeerReader:
         Rounds, not one hedge: in a herd `others` (the downloaders this node
         has heard of) is often still empty 100 ms in, and the downloaders that
         lack the piece at first have it a little later."""
-        first = asyncio.create_task(self._get(holder, digest, start, end, progress))
+        first = asyncio.create_task(self._get(holder, digest, start, end))
         tasks = {first}
         asked = {holder}
         hedged = False
@@ -155,7 +152,7 @@ class PeerReader:
                     candidates = [url for url in others() if url not in asked]
                     hedges = random.sample(candidates, min(HEDGES, len(candidates)))
                     asked.update(hedges)
-                    tasks |= {asyncio.create_task(self._get(url, digest, start, end, progress))
+                    tasks |= {asyncio.create_task(self._get(url, digest, start, end))
                               for url in hedges}
                     hedged = hedged or bool(hedges)
             if hedged:
@@ -208,10 +205,9 @@ class PeerReader:
             self._peers[(digest, segment)] = (time.monotonic(), urls)
         return urls
 
-    async def _get(self, base: str, digest: Digest, start: int, end: int,
-                   progress: Progress | None = None) -> bytes | None:
+    async def _get(self, base: str, digest: Digest, start: int, end: int) -> bytes | None:
         answer = await self._fetch(f"{base}/peer/v1/blobs/{digest}",
-                                   {"Range": f"bytes={start}-{end - 1}"}, progress)
+                                   {"Range": f"bytes={start}-{end - 1}"})
         if answer is None or answer[0] != 206:
             return None
         if len(answer[2]) != end - start:
@@ -236,11 +232,8 @@ class PeerReader:
             return None
         return Handout(piece, data)
 
-    async def _fetch(self, url: str, headers: dict[str, str], progress: Progress | None = None
-                     ) -> tuple[int, str, bytes] | None:
-        """(status, Content-Range, body), or None if the peer could not be asked.
-        `progress` is shown the body of a 206 so far as it arrives; if it answers
-        False (bytes that fail a check), the answer is dropped."""
+    async def _fetch(self, url: str, headers: dict[str, str]) -> tuple[int, str, bytes] | None:
+        """(status, Content-Range, body), or None if the peer could not be asked."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=PEER_TIMEOUT, sock_read=PEER_TIMEOUT))
@@ -249,16 +242,7 @@ class PeerReader:
                 if resp.status not in (204, 206):
                     log.debug("peer http %s: HTTP %d", url, resp.status)
                     return None
-                if progress is None or resp.status != 206:
-                    return resp.status, resp.headers.get("Content-Range", ""), await resp.read()
-                body = bytearray()
-                async for chunk in resp.content.iter_any():
-                    body += chunk
-                    if not progress(body):
-                        log.info("peer http %s: bytes that fail their hash; dropped", url)
-                        self.metrics.piece_hash_failures.inc()
-                        return None
-                return resp.status, resp.headers.get("Content-Range", ""), bytes(body)
+                return resp.status, resp.headers.get("Content-Range", ""), await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             log.debug("peer http %s: %r", url, e)
             return None

@@ -58,16 +58,6 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
     await response.prepare(request)
     reader = source.reader()
     first = True
-
-    def label_at(offset: int) -> str:
-        """The source of the byte at `offset`; the first call times the first byte."""
-        nonlocal first
-        label = source.label_at(offset)
-        if first:
-            metrics.ttfb.labels(label).observe(time.monotonic() - started)
-            first = False
-        return label
-
     try:
         for span in spans:
             if span.prefix:
@@ -77,19 +67,16 @@ async def send_spans(request: web.Request, response: web.StreamResponse, source:
                 batch = 1 if first else min(SEND_BATCH, span.end - position)
                 available = await source.wait_readable(position, batch)
                 count = min(span.end, available, position + SEND_CHUNK) - position
-                count, early = source.on_disk(position, count)
                 for index, within, n in reader.pieces(position, count):
                     f = reader.opened(index) or (reader.file(index) if source.hot else
                                                  await asyncio.to_thread(reader.file, index))
-                    label = label_at(index * reader.geometry.segment_size + within)
+                    label = source.label_at(index * reader.geometry.segment_size + within)
+                    if first:
+                        metrics.ttfb.labels(label).observe(time.monotonic() - started)
+                        first = False
                     await send_file_range(request, response, f, within, n)
                     metrics.served_bytes.labels(label).inc(n)
                 position += count
-                if early:
-                    label = label_at(position)
-                    await response.write(early)
-                    metrics.served_bytes.labels(label).inc(len(early))
-                    position += len(early)
         if trailer:
             await response.write(trailer)
         await response.write_eof()
